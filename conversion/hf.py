@@ -1,0 +1,258 @@
+"""Hugging Face PyTorch-format BERT directories <-> our parameter tree.
+
+Reading accepts `model.safetensors` (single or sharded with an index) or `pytorch_model.bin` (loaded with
+`weights_only=True`; float16 / bfloat16 are upcast to float32), names with or without a `bert.` prefix,
+and TF-era `gamma` / `beta` LayerNorm names. Every tensor of the name table must be present with the
+expected shape, and every tensor read must be used: anything else stops with an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conversion import name_table
+from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.params_io import TOKENIZER_FILES, atomic_directory, copy_side_files
+
+ST_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: the message names the tensor / file and the shapes."""
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_hf_tensors(hf_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of an HF directory as float32 numpy arrays (integer buffers kept as they are)."""
+    hf_dir = Path(hf_dir)
+    single, index, binary = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json", \
+        hf_dir / "pytorch_model.bin"
+    if single.is_file():
+        tensors = _read_safetensors(single)
+    elif index.is_file():
+        tensors = {}
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            tensors.update(_read_safetensors(hf_dir / shard))
+    elif binary.is_file():
+        tensors = _read_torch_bin(binary)
+    else:
+        raise ConversionError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v) for k, v in tensors.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable safetensors file (truncated or corrupt?): {e}") from e
+    except TypeError as e:  # bfloat16 is not a numpy dtype: go through torch
+        try:
+            from safetensors.torch import load_file as load_torch
+        except ImportError:
+            raise ConversionError(f"{path}: {e}; install the torch extra to read bfloat16 tensors") from e
+        return {k: v.float().numpy() for k, v in load_torch(str(path)).items()}
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ConversionError(f"{path}: reading pytorch_model.bin needs torch (pip install '.[torch]')") from e
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt pickles / zips
+        raise ConversionError(f"{path}: unreadable PyTorch checkpoint: {e}") from e
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConversionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[k] = (v.float() if v.is_floating_point() else v).numpy()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ mapping
+def _set(tree: dict, path: str, value: Any) -> None:
+    keys = [int(k) if k.isdigit() else k for k in path.split("/")]
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _get(tree: dict, path: str) -> Any:
+    for k in path.split("/"):
+        tree = tree[int(k) if k.isdigit() else k]
+    return tree
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    import jax
+
+    from piccolo_jax.model import abstract_model
+
+    _, abstract, _ = abstract_model(cfg)
+    flat = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        flat["/".join(str(getattr(k, "key", k)) for k in keypath)] = tuple(leaf.shape)
+    return flat
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint"
+                 ) -> tuple[dict, dict[str, int]]:
+    """Map HF tensors onto our tree. Returns (params, report) where report counts ignored tensors."""
+    canon: dict[str, str] = {}
+    for name in tensors:
+        c = name_table.canonical_hf_name(name)
+        if c in canon:
+            raise ConversionError(f"{source}: tensors {canon[c]!r} and {name!r} both map to {c!r}")
+        canon[c] = name
+    expected = _expected_shapes(cfg)
+    params: dict = {}
+    used: set[str] = set()
+    for hf_name, ours, hook in name_table.table(cfg):
+        if hf_name not in canon:
+            raise ConversionError(f"{source}: missing tensor {hf_name!r} (needed for {ours}, shape "
+                                  f"{expected[ours]}); does config.json match the weights?")
+        raw = tensors[canon[hf_name]]
+        value = hook(raw)
+        if value.shape != expected[ours]:
+            raise ConversionError(
+                f"{source}: tensor {hf_name!r} has shape {tuple(raw.shape)}, expected "
+                f"{_hf_shape(expected[ours], hook)} from config.json (ours {ours}: {expected[ours]})")
+        _set(params, ours, np.asarray(value, dtype=np.float32))
+        used.add(hf_name)
+    report = {"ignored_buffers": 0, "ignored_head_tensors": 0}
+    unexpected = []
+    for c, original in canon.items():
+        if c in used:
+            continue
+        if c in name_table.IGNORED_BUFFERS:
+            _check_position_ids(tensors[original], source)
+            report["ignored_buffers"] += 1
+        elif c.startswith(name_table.IGNORED_HEAD_PREFIXES):
+            report["ignored_head_tensors"] += 1
+        else:
+            unexpected.append(f"{original} {tuple(tensors[original].shape)}")
+    if unexpected:
+        raise ConversionError(f"{source}: unexpected tensors not used by the model (config.json has "
+                              f"{cfg.num_hidden_layers} layers, pooler={cfg.add_pooler}): {unexpected}")
+    return params, report
+
+
+def _hf_shape(ours_shape: tuple[int, ...], hook) -> tuple[int, ...]:
+    return tuple(reversed(ours_shape)) if hook is name_table.transpose else ours_shape
+
+
+def _check_position_ids(buf: np.ndarray, source: str) -> None:
+    if not np.array_equal(np.asarray(buf).reshape(-1), np.arange(np.asarray(buf).size)):
+        raise ConversionError(f"{source}: embeddings.position_ids is not arange(n); custom positions are "
+                              "not supported")
+
+
+def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Inverse mapping: our tree -> HF `BertModel` state dict (float32, contiguous, no prefix)."""
+    out = {}
+    for hf_name, ours, hook in name_table.table(cfg):
+        value = np.asarray(_get(params, ours), dtype=np.float32)
+        out[hf_name] = np.ascontiguousarray(hook(value))  # transpose is its own inverse
+    return out
+
+
+# ----------------------------------------------------------------------------------------- HF directories
+def load_hf_config(hf_dir: str | os.PathLike, tensor_names=None, **overrides: Any) -> ModelConfig:
+    """ModelConfig from config.json + sentence-transformers pooling files (+ pooler presence)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ConversionError(f"{hf_dir}: no config.json")
+    extra: dict[str, Any] = {}
+    pooling_cfg = _st_pooling_config(hf_dir)
+    if pooling_cfg is not None:
+        if pooling_cfg.get("pooling_mode_mean_tokens"):
+            extra["pooling"] = "mean"
+        elif pooling_cfg.get("pooling_mode_cls_token"):
+            extra["pooling"] = "cls"
+        else:
+            raise ConversionError(f"{hf_dir}: sentence-transformers pooling {pooling_cfg} is not mean or cls")
+        extra["normalize"] = _st_has_normalize(hf_dir)
+    if tensor_names is not None:
+        extra["add_pooler"] = name_table.has_pooler(tensor_names)
+    extra.update(overrides)
+    return ModelConfig.from_json_file(hf_dir / "config.json", **extra)
+
+
+def _st_modules(hf_dir: Path) -> list[dict]:
+    p = hf_dir / "modules.json"
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else []
+
+
+def _st_pooling_config(hf_dir: Path) -> dict | None:
+    for m in _st_modules(hf_dir):
+        if m.get("type", "").endswith("Pooling"):
+            return json.loads((hf_dir / m["path"] / "config.json").read_text(encoding="utf-8"))
+    return None
+
+
+def _st_has_normalize(hf_dir: Path) -> bool:
+    return any(m.get("type", "").endswith("Normalize") for m in _st_modules(hf_dir))
+
+
+def load_hf_model(hf_dir: str | os.PathLike, **overrides: Any) -> tuple[ModelConfig, dict, dict[str, int]]:
+    """Read an HF directory into (config, params as numpy float32, report of ignored tensors)."""
+    tensors = read_hf_tensors(hf_dir)
+    cfg = load_hf_config(hf_dir, tensor_names=tensors.keys(), **overrides)
+    params, report = hf_to_params(tensors, cfg, source=str(hf_dir))
+    return cfg, params, report
+
+
+def write_hf_dir(dest: str | os.PathLike, cfg: ModelConfig, params: dict, *, side_files_from=None,
+                 max_seq_length: int | None = None, overwrite: bool = False) -> Path:
+    """Write an HF `BertModel` directory that `SentenceTransformer(dest)` loads with our pooling."""
+    from safetensors.numpy import save_file
+
+    state = params_to_hf(params, cfg)
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+        copied = copy_side_files(Path(side_files_from), tmp, TOKENIZER_FILES + ST_FILES) if side_files_from \
+            else []
+        if not any(n in copied for n in ("tokenizer.json", "vocab.txt")):
+            raise ConversionError(f"{side_files_from}: no tokenizer.json or vocab.txt to ship with the model")
+        if "sentence_bert_config.json" not in copied:
+            msl = max_seq_length or cfg.max_position_embeddings
+            (tmp / "sentence_bert_config.json").write_text(
+                json.dumps({"max_seq_length": msl, "do_lower_case": False}, indent=2) + "\n")
+        _write_st_modules(tmp, cfg)
+
+    return atomic_directory(dest, write, overwrite=overwrite)
+
+
+def _write_st_modules(tmp: Path, cfg: ModelConfig) -> None:
+    if cfg.pooling == "none":
+        return
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if cfg.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (tmp / "2_Normalize").mkdir()
+    (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (tmp / "1_Pooling").mkdir()
+    pooling = {
+        "word_embedding_dimension": cfg.hidden_size,
+        "pooling_mode_cls_token": cfg.pooling == "cls",
+        "pooling_mode_mean_tokens": cfg.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (tmp / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")

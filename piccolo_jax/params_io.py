@@ -1,0 +1,120 @@
+"""Our model directory: `config.json` + Orbax parameter checkpoint + tokenizer / sentence-transformers files.
+
+Layout of a model directory written by `save_model_dir`:
+
+    config.json        transformers-style BertConfig plus our `pooling` / `normalize` fields
+    params/            Orbax StandardCheckpointer tree of float32 arrays (same nesting as the model)
+    tokenizer files    copied verbatim (tokenizer.json, vocab.txt, ...)
+
+Writes go to a temporary sibling directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from piccolo_jax.model_config import ModelConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+PARAMS_SUBDIR = "params"
+
+
+def to_storage(tree: Any) -> Any:
+    """Orbax stores dict keys as strings: make the nnx.List layer indices explicit strings."""
+    if isinstance(tree, dict):
+        return {str(k): to_storage(v) for k, v in tree.items()}
+    return tree
+
+
+def from_storage(tree: Any) -> Any:
+    """Inverse of `to_storage`: digit keys become layer indices again."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): from_storage(v) for k, v in tree.items()}
+    return tree
+
+
+def atomic_directory(dest: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run `write(tmp_dir)` and rename tmp_dir to `dest` only if it succeeds; on failure nothing is left."""
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dest} exists and is not empty (pass overwrite to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def write_params(path: Path, params: Any) -> None:
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path.absolute(), to_storage(params))
+    ckptr.wait_until_finished()
+
+
+def read_params(path: Path, abstract: Any | None = None) -> Any:
+    """Restore parameters; with `abstract` (ShapeDtypeStructs carrying shardings) they arrive sharded."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    target = None if abstract is None else to_storage(abstract)
+    return from_storage(ckptr.restore(Path(path).absolute(), target))
+
+
+def copy_side_files(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def save_model_dir(dest: str | os.PathLike, cfg: ModelConfig, params: Any, *, side_files_from: str | None = None,
+                   overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write config + params (+ tokenizer files copied from `side_files_from`) atomically."""
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32), params)
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+        write_params(tmp / PARAMS_SUBDIR, params)
+        if side_files_from is not None:
+            copy_side_files(Path(side_files_from), tmp)
+        if extra is not None:
+            extra(tmp)
+
+    return atomic_directory(dest, write, overwrite=overwrite)
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / PARAMS_SUBDIR).is_dir()
+
+
+def load_model_dir(path: str | os.PathLike, abstract: Any | None = None,
+                   **config_overrides: Any) -> tuple[ModelConfig, Any]:
+    """Read (config, params) from a directory written by `save_model_dir`."""
+    path = Path(path)
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"{path}: not a piccolo-jax model directory (needs config.json and {PARAMS_SUBDIR}/)")
+    cfg = ModelConfig.from_json_file(path / "config.json", **config_overrides)
+    return cfg, read_params(path / PARAMS_SUBDIR, abstract)

@@ -1,0 +1,147 @@
+"""The device mesh and every sharding decision. This is the only module that names mesh axes.
+
+Mesh axes:
+    "data"    pure data parallelism: the batch is split, parameters are replicated (or ZeRO-1 sharded state)
+    "fsdp"    data parallelism whose devices also split parameters and optimizer state (ZeRO-3 / FSDP)
+    "tensor"  Megatron-style tensor parallelism inside attention heads and the FFN (piccolo-large)
+
+The batch dimension is split over ("data", "fsdp"); every device of those two axes holds different rows.
+
+Strategies (config `parallel.strategy`):
+    "dp"     parameters and optimizer state replicated (except over "tensor")
+    "zero1"  parameters replicated, optimizer state sharded over all data devices (piccolo's DeepSpeed setting)
+    "fsdp"   parameters and optimizer state sharded over "fsdp" following the logical-axis rules
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+BATCH_AXES = (DATA, FSDP)  # the global batch is split over both data-parallel axes
+STRATEGIES = ("dp", "zero1", "fsdp")
+
+# Logical parameter axes (declared in model.py) -> mesh axes, per strategy. None = replicated.
+_TENSOR_RULES = {"heads": TENSOR, "mlp": TENSOR, "vocab": TENSOR}
+LOGICAL_RULES: dict[str, dict[str, str | None]] = {
+    "dp": dict(_TENSOR_RULES),
+    "zero1": dict(_TENSOR_RULES),
+    "fsdp": dict(_TENSOR_RULES, embed=FSDP),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape. -1 on one axis means "all remaining devices"."""
+
+    data: int = -1  # pure data-parallel devices
+    fsdp: int = 1  # data-parallel devices that also shard parameters (strategy "fsdp")
+    tensor: int = 1  # tensor-parallel devices (heads / FFN columns split)
+    strategy: str = "zero1"  # "dp" | "zero1" | "fsdp" (see module docstring)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"parallel.strategy={self.strategy!r}; expected one of {STRATEGIES}")
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh sizes data={self.data} fsdp={self.fsdp} tensor={self.tensor}: "
+                             "positive, with at most one -1")
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types (jit propagates shardings)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"{n} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {n}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of batch shards: 32 GPUs x 1 = 32 for piccolo's data-parallel run."""
+    return mesh.shape[DATA] * mesh.shape[FSDP]
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension split over the data-parallel devices, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _spec_from_logical(shape: tuple[int, ...], names: tuple[str | None, ...], rules: dict, mesh: Mesh) -> P:
+    """Map logical names to mesh axes; a dimension not divisible by its mesh axis stays replicated."""
+    out, taken = [], set()
+    for dim, name in zip(shape, names):
+        axis = rules.get(name) if name else None
+        if axis is None or axis in taken or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+            out.append(None)
+        else:
+            out.append(axis)
+            taken.add(axis)
+    return P(*out)
+
+
+def param_specs(abstract_params: Any, logical: Any, mesh: Mesh, strategy: str) -> Any:
+    """PartitionSpec for every parameter from its logical axes and the strategy's rules."""
+    rules = LOGICAL_RULES[strategy]
+    return jax.tree.map(lambda a, names: _spec_from_logical(a.shape, names, rules, mesh), abstract_params, logical,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def param_shardings(abstract_params: Any, logical: Any, mesh: Mesh, strategy: str) -> Any:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(abstract_params, logical, mesh, strategy))
+
+
+def _zero1_spec(shape: tuple[int, ...], base: P, mesh: Mesh) -> P:
+    """Additionally split the largest free dimension divisible by the data-parallel size (ZeRO-1)."""
+    n = data_parallel_size(mesh)
+    spec = list(base) + [None] * (len(shape) - len(base))
+    free = [i for i, s in enumerate(spec) if s is None and shape[i] % n == 0]
+    if n == 1 or not free:
+        return P(*spec)
+    best = max(free, key=lambda i: shape[i])
+    spec[best] = BATCH_AXES
+    return P(*spec)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any, logical: Any, mesh: Mesh,
+                        strategy: str) -> Any:
+    """Shardings of `optimizer.init(params)`: moment trees follow the params (ZeRO-1: split over data)."""
+    specs = param_specs(abstract_params, logical, mesh, strategy)
+    if strategy == "zero1":
+        specs = jax.tree.map(lambda a, s: _zero1_spec(a.shape, s, mesh), abstract_params, specs)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_state, shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def host_local_to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble global arrays from each process's rows (multi-host: every process passes its own slice)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def describe(mesh: Mesh, strategy: str) -> str:
+    shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    return (f"mesh ({shape}) over {mesh.devices.size} {jax.devices()[0].platform} device(s) in "
+            f"{jax.process_count()} process(es); strategy={strategy}; batch split {data_parallel_size(mesh)}-way")

@@ -1,0 +1,138 @@
+"""Flax encoder vs transformers.BertModel (independent reference) on tiny random weights."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conversion.hf import hf_to_params, params_to_hf  # noqa: E402
+from piccolo_jax.model import abstract_model, encode, init_params  # noqa: E402
+from piccolo_jax.model_config import PICCOLO_BASE_ZH, ModelConfig  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112,
+            max_position_embeddings=40, type_vocab_size=2)
+
+
+def _torch_bert(seed=0, **over):
+    torch.manual_seed(seed)
+    hf_cfg = transformers.BertConfig(**{**TINY, **over}, hidden_act="gelu", attn_implementation="eager")
+    model = transformers.BertModel(hf_cfg).eval()
+    # Randomise LayerNorm / biases too, so a swapped or missing tensor cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return hf_cfg, model
+
+
+def _batch(rng, b=4, t=23, vocab=97):
+    ids = rng.integers(1, vocab, size=(b, t)).astype(np.int32)
+    lengths = np.array([t, 1, 7, 15][:b])
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, ids, 0)
+    types = (rng.random((b, t)) < 0.3).astype(np.int32) * mask
+    return ids, mask, types
+
+
+def _ours(hf_cfg, model, **over):
+    cfg = ModelConfig.from_hf_dict(hf_cfg.to_dict(), **over)
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params, _ = hf_to_params(tensors, cfg)
+    return cfg, params
+
+
+def _torch_mean_pool(h, mask):
+    m = mask[..., None].float()
+    e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+def test_matches_transformers_bert_model():
+    hf_cfg, model = _torch_bert()
+    ids, mask, types = _batch(np.random.default_rng(0))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                    token_type_ids=torch.tensor(types, dtype=torch.long))
+    cfg, params = _ours(hf_cfg, model)
+    out = jax.jit(lambda p, i, m, t: encode(cfg, p, i, m, t, with_pooler=True))(params, ids, mask, types)
+    h_ref = ref.last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(out["last_hidden_state"]), h_ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out["pooler_output"]), ref.pooler_output.numpy(), atol=1e-5, rtol=0)
+    e_ref = _torch_mean_pool(ref.last_hidden_state, torch.tensor(mask)).numpy()
+    np.testing.assert_allclose(np.asarray(out["embeddings"]), e_ref, atol=1e-5, rtol=0)
+    assert np.allclose(np.linalg.norm(np.asarray(out["embeddings"]), axis=-1), 1.0, atol=1e-6)
+
+
+def test_cls_pooling_and_default_token_types():
+    hf_cfg, model = _torch_bert(seed=1)
+    ids, mask, _ = _batch(np.random.default_rng(1))
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+    cfg, params = _ours(hf_cfg, model, pooling="cls", normalize=False)
+    out = encode(cfg, params, ids, mask)
+    np.testing.assert_allclose(np.asarray(out["embeddings"]), h[:, 0].numpy(), atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_close_to_float32():
+    hf_cfg, model = _torch_bert(seed=2)
+    ids, mask, _ = _batch(np.random.default_rng(2))
+    cfg, params = _ours(hf_cfg, model)
+    e32 = np.asarray(encode(cfg, params, ids, mask)["embeddings"])
+    out16 = encode(cfg.replace(compute_dtype="bfloat16"), params, ids, mask)
+    assert out16["last_hidden_state"].dtype == jnp.bfloat16
+    assert out16["embeddings"].dtype == jnp.float32  # pooling always in float32
+    cos = np.sum(e32 * np.asarray(out16["embeddings"]), axis=-1)
+    assert cos.min() >= 0.999, cos
+
+
+def test_dropout_key_determinism_and_remat_gradients():
+    cfg = ModelConfig(**TINY)
+    params = init_params(cfg, jax.random.key(0))
+    ids, mask, _ = _batch(np.random.default_rng(3))
+
+    def loss(p, key, c):
+        return jnp.sum(encode(c, p, ids, mask, dropout_key=key)["embeddings"] ** 3)
+
+    k = jax.random.key(7)
+    a, b = loss(params, k, cfg), loss(params, k, cfg)
+    assert a == b  # same key, same masks
+    assert loss(params, jax.random.key(8), cfg) != a  # dropout is really on
+    assert loss(params, None, cfg) != a
+    g = jax.grad(loss)(params, k, cfg)
+    g_remat = jax.grad(loss)(params, k, cfg.replace(remat=True))
+    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_every_parameter_has_logical_axes_and_presets_have_piccolo_shapes():
+    _, abstract, logical = abstract_model(PICCOLO_BASE_ZH)
+    shapes, names = jax.tree.leaves(abstract), jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, tuple))
+    assert len(shapes) == len(names)
+    for s, n in zip(shapes, names):
+        assert len(n) == len(s.shape) and all(isinstance(a, str) for a in n)
+    n_params = sum(int(np.prod(s.shape)) for s in shapes)
+    assert 101_000_000 < n_params < 103_000_000  # piccolo-base-zh: ~102 M
+    assert abstract["embeddings"]["word"]["embedding"].shape == (21128, 768)
+
+
+def test_params_to_hf_inverts_hf_to_params():
+    hf_cfg, model = _torch_bert(seed=4)
+    cfg, params = _ours(hf_cfg, model)
+    back = params_to_hf(params, cfg)
+    ref = model.state_dict()
+    assert set(back) == set(ref)
+    for k, v in back.items():
+        assert np.array_equal(v, ref[k].numpy()), k
+
+
+def test_config_mismatch_is_refused():
+    with pytest.raises(ValueError, match="hidden_act"):
+        ModelConfig.from_hf_dict({**TINY, "hidden_act": "relu"})
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(**{**TINY, "num_attention_heads": 5})
