@@ -39,12 +39,26 @@ def _ones(names: tuple[str, ...]):
     return nnx.with_partitioning(nnx.initializers.ones_init(), names)
 
 
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when `key` is None (inference) or the rate is zero."""
-    if key is None or rate <= 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+def _fold(keys_b: jax.Array | None, i: int) -> jax.Array | None:
+    """Derive a new key per row: fold `i` into each of the B row keys."""
+    return None if keys_b is None else jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, i)
+
+
+def _dropout(x_b: jax.Array, rate: float, keys_b: jax.Array | None) -> jax.Array:
+    """Inverted dropout with one key per batch row; identity when `keys_b` is None or the rate is zero.
+
+    Row-wise keys make the masks independent of how the batch is chunked or sharded: row r gets the same
+    mask whether it is encoded in a batch of 32,768 or in a chunk of 2,048 (gradient caching relies on it).
+    """
+    if keys_b is None or rate <= 0.0:
+        return x_b
+    keep_b = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x_b.shape[1:]))(keys_b)
+    return jnp.where(keep_b, x_b / (1.0 - rate), jnp.zeros_like(x_b)).astype(x_b.dtype)
+
+
+def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """One dropout key per global row index: fold_in(key, row)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
 
 
 class LayerNorm(nnx.Module):
@@ -112,7 +126,7 @@ class Attention(nnx.Module):
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
         q_btnh, k_btnh, v_btnh = split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd))
         mask_b11s = valid_bt[:, None, None, :]
-        probs_key = None if key is None else jax.random.fold_in(key, _SITE_ATTN_PROBS)
+        probs_key = _fold(key, _SITE_ATTN_PROBS)
         if probs_key is None or self.probs_dropout <= 0.0:
             # Fused path (cuDNN flash attention on GPU when dtypes allow; XLA elsewhere).
             o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask_b11s)
@@ -139,11 +153,10 @@ class Layer(nnx.Module):
         self.ffn_norm = LayerNorm(d, cfg.layer_norm_eps)
 
     def __call__(self, x_btd, valid_bt, key):
-        site = (lambda i: None) if key is None else (lambda i: jax.random.fold_in(key, i))  # noqa: E731
-        a_btd = _dropout(self.attention(x_btd, valid_bt, key), self.hidden_dropout, site(_SITE_ATTN_OUT))
+        a_btd = _dropout(self.attention(x_btd, valid_bt, key), self.hidden_dropout, _fold(key, _SITE_ATTN_OUT))
         x_btd = self.attention_norm(x_btd + a_btd)
         h_btf = jax.nn.gelu(self.ffn_in(x_btd), approximate=False)
-        h_btd = _dropout(self.ffn_out(h_btf), self.hidden_dropout, site(_SITE_FFN_OUT))
+        h_btd = _dropout(self.ffn_out(h_btf), self.hidden_dropout, _fold(key, _SITE_FFN_OUT))
         return self.ffn_norm(x_btd + h_btd)
 
 
@@ -171,12 +184,13 @@ class BertEncoder(nnx.Module):
         dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
         valid_bt = attention_mask_bt.astype(bool)
         x_btd = self.embeddings(input_ids_bt, token_type_ids_bt, dtype)
-        if dropout_key is not None:
-            x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, jax.random.fold_in(dropout_key, _EMBED_KEY_INDEX))
+        keys_b = dropout_key
+        if keys_b is not None and keys_b.ndim == 0:  # one key for the batch: derive row keys 0..B-1
+            keys_b = row_keys(keys_b, jnp.arange(input_ids_bt.shape[0]))
+        x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, _fold(keys_b, _EMBED_KEY_INDEX))
         run = _run_layer_remat if cfg.remat else _run_layer
         for i, layer in enumerate(self.layers):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x_btd = run(layer, x_btd, valid_bt, key)
+            x_btd = run(layer, x_btd, valid_bt, _fold(keys_b, i))
         out = {"last_hidden_state": x_btd}
         out["embeddings"] = pool(x_btd, valid_bt, cfg.pooling, cfg.normalize)
         if with_pooler and cfg.add_pooler:
@@ -239,7 +253,9 @@ def encode(cfg: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_
            with_pooler: bool = False) -> dict[str, jax.Array]:
     """Pure forward pass: params (nested dict) + token ids -> {"last_hidden_state", "embeddings", ...}.
 
-    `dropout_key=None` is inference (deterministic); a key turns every dropout site on.
+    `dropout_key=None` is inference (deterministic). A key turns every dropout site on: either one key
+    (rows get fold_in(key, row)) or a [B] array of per-row keys (see `row_keys`), so that a row's masks do
+    not depend on which batch or chunk it is encoded in.
     """
     model = _merge(cfg, params)
     return model(input_ids_bt, attention_mask_bt, token_type_ids_bt, dropout_key, with_pooler)

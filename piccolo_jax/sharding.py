@@ -145,3 +145,15 @@ def describe(mesh: Mesh, strategy: str) -> str:
     shape = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
     return (f"mesh ({shape}) over {mesh.devices.size} {jax.devices()[0].platform} device(s) in "
             f"{jax.process_count()} process(es); strategy={strategy}; batch split {data_parallel_size(mesh)}-way")
+
+
+def row_constraint(mesh: Mesh):
+    """`constrain(x, row_axis)`: pin axis `row_axis` of x to the data-parallel devices, the rest replicated.
+
+    Gradient caching uses it to keep every chunk spread over all devices.
+    """
+    def constrain(x: jax.Array, row_axis: int = 0) -> jax.Array:
+        spec = [None] * x.ndim
+        spec[row_axis] = BATCH_AXES
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+    return constrain

@@ -1,0 +1,136 @@
+"""Exact gradients of a global-batch contrastive loss, computed in chunks (GradCache, Gao et al. 2021).
+
+Pass one encodes every chunk without keeping activations; the loss and its gradient with respect to all
+embeddings of the global batch are computed at once; pass two re-encodes chunk by chunk and
+back-propagates the cached embedding gradients into the parameters:
+
+    dL/dθ = Σ_chunks  (∂e_chunk/∂θ)ᵀ · dL/de_chunk
+
+This is the gradient of the full-batch loss (every query still sees every passage as a negative), not
+gradient accumulation. Activation memory is that of one chunk: 32_768 = 16 chunks x 2_048 rows.
+
+Chunks are interleaved over the data-parallel shards: with the batch split contiguously over S shards,
+view it as [S, C, m] (m = B / (S * C)) and let chunk c be rows [:, c, :]. Every chunk then holds m rows
+of every shard, so all devices work on every chunk and no rows move between devices.
+
+Dropout is made chunk-invariant by keying every row with its global index (`model.row_keys`): a row gets
+the same masks in pass one, in pass two and in an unchunked step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from piccolo_jax.model import row_keys
+
+Batch = dict[str, jax.Array]
+# encode_fn(params, input_ids [b, T], attention_mask [b, T], dropout_keys [b] | None) -> embeddings [b, D]
+EncodeFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
+# loss_fn(q [B, D], p [B, D], negs [B, K, D] | None) -> (loss, metrics)
+LossFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, dict]]
+
+
+def to_chunks(x: jax.Array, shards: int, num_chunks: int) -> jax.Array:
+    """[B, ...] -> [C, B / C, ...]; chunk c takes m = B / (S C) rows from each of the S contiguous shards."""
+    b = x.shape[0]
+    if b % (shards * num_chunks):
+        raise ValueError(f"global batch {b} is not divisible by {shards} shards x {num_chunks} chunks")
+    m = b // (shards * num_chunks)
+    x = x.reshape(shards, num_chunks, m, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(num_chunks, shards * m, *x.shape[3:])
+
+
+def from_chunks(y: jax.Array, shards: int) -> jax.Array:
+    """Inverse of `to_chunks`: [C, S m, ...] -> [B, ...] in the original row order."""
+    c, sm = y.shape[:2]
+    y = y.reshape(c, shards, sm // shards, *y.shape[2:])
+    return jnp.swapaxes(y, 0, 1).reshape(c * sm, *y.shape[3:])
+
+
+def _towers(batch: Batch) -> tuple[dict, int]:
+    """Split the batch into the query tower and the document tower (positives then hard negatives)."""
+    b = batch["query_input_ids"].shape[0]
+    k = batch["negative_input_ids"].shape[1] if "negative_input_ids" in batch else 0
+    return {"q_ids": batch["query_input_ids"], "q_mask": batch["query_attention_mask"],
+            "p_ids": batch["passage_input_ids"], "p_mask": batch["passage_attention_mask"],
+            "n_ids": batch.get("negative_input_ids"), "n_mask": batch.get("negative_attention_mask")}, k
+
+
+def _row_ids(b: int, k: int) -> dict[str, jax.Array]:
+    """Global row numbers: queries 0..B-1, positives B..2B-1, negative (i, j) at 2B + i K + j."""
+    ids = {"q": jnp.arange(b), "p": b + jnp.arange(b)}
+    if k:
+        ids["n"] = 2 * b + jnp.arange(b * k).reshape(b, k)
+    return ids
+
+
+def _encode_rows(encode_fn, params, t: dict, rows: dict, key, k: int):
+    """Embeddings of one set of rows: q [b, D], p [b, D], negs [b, K, D] | None."""
+    keys = (lambda r: None) if key is None else (lambda r: row_keys(key, r.reshape(-1)))  # noqa: E731
+    q = encode_fn(params, t["q_ids"], t["q_mask"], keys(rows["q"]))
+    if not k:
+        return q, encode_fn(params, t["p_ids"], t["p_mask"], keys(rows["p"])), None
+    b, tp = t["p_ids"].shape
+    # Positives and negatives share the passage length: one encoder call over b (1 + K) documents.
+    d_ids = jnp.concatenate([t["p_ids"], t["n_ids"].reshape(b * k, tp)])
+    d_mask = jnp.concatenate([t["p_mask"], t["n_mask"].reshape(b * k, tp)])
+    d_keys = None if key is None else jnp.concatenate([keys(rows["p"]), keys(rows["n"])])
+    d = encode_fn(params, d_ids, d_mask, d_keys)
+    return q, d[:b], d[b:].reshape(b, k, -1)
+
+
+def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Batch, key: jax.Array | None, *,
+                   num_chunks: int = 1, shards: int = 1,
+                   constrain: Callable[[jax.Array, int], jax.Array] = lambda x, axis: x,
+                   ) -> tuple[jax.Array, dict, Any]:
+    """(loss, metrics, dL/dparams) of the global batch; `num_chunks=1` is the plain one-pass step.
+
+    `shards` is the number of data-parallel devices the batch rows are split over; `constrain(x, axis)`
+    pins axis `axis` of x to them (see `sharding.row_constraint`).
+    """
+    towers, k = _towers(batch)
+    b = towers["q_ids"].shape[0]
+    rows = _row_ids(b, k)
+
+    if num_chunks == 1:
+        def total_loss(p):
+            q, d, n = _encode_rows(encode_fn, p, towers, rows, key, k)
+            return loss_fn(q, d, n)
+        (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+        return loss, metrics, grads
+
+    # [C, b / C, ...] per tower, each chunk spread over every shard.
+    chunk = lambda x: None if x is None else constrain(to_chunks(x, shards, num_chunks), 1)  # noqa: E731
+    towers_c = {name: chunk(x) for name, x in towers.items() if x is not None}
+    rows_c = {name: chunk(r) for name, r in rows.items()}
+
+    def embed(p, xs):
+        t, r = xs
+        t = {**t, "n_ids": t.get("n_ids"), "n_mask": t.get("n_mask")}
+        return _encode_rows(encode_fn, p, t, r, key, k)
+
+    # Pass one: embeddings only; lax.map keeps no activations between chunks.
+    q_c, p_c, n_c = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), xs), (towers_c, rows_c))
+    q, p = from_chunks(q_c, shards), from_chunks(p_c, shards)
+    n = from_chunks(n_c, shards) if k else None
+
+    # Loss and dL/d(embeddings) over the whole global batch.
+    argnums = (0, 1, 2) if k else (0, 1)
+    (loss, metrics), emb_grads = jax.value_and_grad(
+        lambda *e: loss_fn(*e) if k else loss_fn(e[0], e[1], None), argnums=argnums, has_aux=True)(q, p, *(
+            (n,) if k else ()))
+    cached = tuple(constrain(to_chunks(g, shards, num_chunks), 1) for g in emb_grads)
+
+    # Pass two: re-encode each chunk and back-propagate its cached gradients, summing over chunks.
+    def accumulate(acc, xs):
+        t_r, g = xs
+        _, vjp = jax.vjp(lambda p: embed(p, t_r)[: len(g)], params)
+        (g_params,) = vjp(g)
+        return jax.tree.map(jnp.add, acc, g_params), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, _ = jax.lax.scan(accumulate, zeros, ((towers_c, rows_c), cached))
+    return loss, metrics, grads

@@ -1,0 +1,115 @@
+"""Train state and the pure, jitted, state-donating contrastive train step over a device mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from piccolo_jax import grad_cache, losses, sharding
+from piccolo_jax.model import abstract_model, encode, init_params
+from piccolo_jax.model_config import ModelConfig
+
+LOSSES = ("in_batch", "hard_negative", "gte")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which contrastive loss, its temperature, and how the global batch is processed."""
+
+    kind: str = "in_batch"  # "in_batch" (pretrain), "hard_negative" or "gte" (finetune)
+    temperature: float = 0.01  # logits = cosine / temperature (piccolo v2 / M3E: 0.01)
+    block_size: int = 512  # loss rows per block: logits memory O(block_size x candidates)
+    num_chunks: int = 1  # gradient-caching chunks per global batch (1 = plain step)
+
+    def __post_init__(self):
+        if self.kind not in LOSSES:
+            raise ValueError(f"loss.kind={self.kind!r}; expected one of {LOSSES}")
+        if self.temperature <= 0 or self.block_size <= 0 or self.num_chunks <= 0:
+            raise ValueError(f"loss: temperature, block_size and num_chunks must be positive ({self})")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer updates applied
+    params: Any  # float32 master weights
+    opt_state: Any  # optax state (moments sharded per strategy)
+    skipped: jax.Array  # int32 scalar: steps whose loss or gradient was not finite (update skipped)
+
+
+def make_loss_fn(cfg: LossConfig):
+    """(q [B,D], p [B,D], negs [B,K,D] | None) -> (loss, metrics) for the configured loss."""
+    def loss_fn(q, p, negs):
+        if cfg.kind == "in_batch":
+            return losses.in_batch_softmax_loss(q, p, cfg.temperature, block_size=cfg.block_size)
+        if cfg.kind == "hard_negative":
+            if negs is None:
+                raise ValueError("loss.kind='hard_negative' needs hard negatives in the batch")
+            return losses.hard_negative_loss(q, p, negs, cfg.temperature, block_size=cfg.block_size)
+        return losses.gte_loss(q, p, negs, cfg.temperature, block_size=cfg.block_size)
+    return loss_fn
+
+
+def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    strategy: str) -> TrainState:
+    _, abstract, logical = abstract_model(model_cfg)
+    rep = sharding.replicated(mesh)
+    return TrainState(step=rep, params=sharding.param_shardings(abstract, logical, mesh, strategy),
+                      opt_state=sharding.opt_state_shardings(optimizer, abstract, logical, mesh, strategy),
+                      skipped=rep)
+
+
+def create_train_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                       strategy: str, key: jax.Array, params: Any | None = None) -> TrainState:
+    """Build the state already sharded: random init (or given params) under jit with out_shardings."""
+    shardings = state_shardings(model_cfg, optimizer, mesh, strategy)
+
+    def build(k, p):
+        p = init_params(model_cfg, k) if p is None else jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+        return TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), jnp.zeros((), jnp.int32))
+
+    if params is not None:  # host arrays go straight to their shards
+        params = jax.device_put(params, shardings.params)
+    return jax.jit(build, out_shardings=shardings)(key, params)
+
+
+def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation,
+                    mesh: Mesh, strategy: str, lr_schedule: optax.Schedule | None = None):
+    """jit(train_step(state, batch, key) -> (state, metrics)), donating `state`.
+
+    `batch` holds global arrays: query_input_ids / query_attention_mask [B, Tq], passage_* [B, Tp] and, for
+    hard negatives, negative_* [B, K, Tp]. `key` is this step's dropout key (e.g. fold_in(seed_key, step)).
+    """
+    shards = sharding.data_parallel_size(mesh)
+    loss_fn = make_loss_fn(loss_cfg)
+
+    def encode_fn(params, ids, mask, keys):
+        return encode(model_cfg, params, ids, mask, dropout_key=keys)["embeddings"]
+
+    def step(state: TrainState, batch: dict, key: jax.Array):
+        loss, metrics, grads = grad_cache.loss_and_grads(
+            encode_fn, loss_fn, state.params, batch, key, num_chunks=loss_cfg.num_chunks, shards=shards,
+            constrain=sharding.row_constraint(mesh))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Non-finite guard: keep the old parameters and moments, count the skipped step.
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+        new_state = TrainState(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=new_state.skipped)
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state.step)
+        return new_state, metrics
+
+    shardings = state_shardings(model_cfg, optimizer, mesh, strategy)
+    return jax.jit(step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
