@@ -1,0 +1,200 @@
+"""The trainer's configuration: typed frozen dataclasses, TOML files, type-checked `--set a.b=v` overrides.
+
+A config file is TOML with one table per section (`[model]`, `[data]`, `[loss]`, `[optim]`,
+`[parallel]`, `[run]`) plus optional stage overlays (`[pretrain.data]`, `[finetune.loss]`, ...) that
+apply only to that stage. Unknown sections or keys, and values of the wrong type, are refused with the
+file and key named, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from piccolo_jax.data.config import DataConfig
+from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.optim import OptimConfig
+from piccolo_jax.sharding import MeshConfig
+from piccolo_jax.train_step import LossConfig
+
+STAGES = ("pretrain", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length of the run, logging, checkpointing and evaluation."""
+
+    steps: int = 100  # optimizer steps (global batches) in the run
+    seed: int = 0  # parameter init and dropout: step key = fold_in(key(seed), step)
+    log_every: int = 10  # steps between metric lines (JSONL + TensorBoard)
+    save_every: int = 50  # steps between checkpoints (asynchronous)
+    keep_checkpoints: int = 3  # most recent checkpoints kept
+    export_hf: bool = True  # write an HF + sentence-transformers directory at the end
+    eval_path: str = ""  # held-out retrieval set directory (corpus/queries/qrels); "" = none
+    eval_every: int = 0  # steps between evaluations (0 = only at the end, if eval_path is set)
+    progress_bar: bool = True  # tqdm bar on process 0
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "save_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"run.{name}={getattr(self, name)} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"run.eval_every={self.eval_every} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs. The resolved config is written to WORKDIR/config.json."""
+
+    stage: str = "pretrain"  # "pretrain" (weak pairs, in-batch loss) or "finetune" (triplets, GTE loss)
+    tokenizer: str = "assets/tokenizer"  # directory with tokenizer.json or vocab.txt
+    init: str = ""  # HF directory, our model directory or a run directory; "" = random init
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    parallel: MeshConfig = MeshConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}; expected one of {STAGES}")
+        if self.loss.kind == "hard_negative" and self.data.num_negatives == 0:
+            raise ValueError("loss.kind='hard_negative' needs data.num_negatives >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
+                  "parallel": MeshConfig, "run": RunConfig}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file / key."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check (and minimally convert) a TOML / CLI value against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, dict):  # a TOML table for a tuple of pairs, e.g. data.weights
+            value = list(value.items())
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(typ)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(typ):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif typ is type(None):
+        if value is None:
+            return None
+    else:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {type(value).__name__} {value!r}")
+
+
+def _apply_section(current, cls, values: dict, where: str):
+    types_ = _field_types(cls)
+    changes = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(f"{where}: unknown key {key!r}; known: {sorted(types_)}")
+        changes[key] = _coerce(value, types_[key], f"{where}.{key}")
+    try:
+        return dataclasses.replace(current, **changes)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _apply(cfg: TrainConfig, tree: dict, where: str) -> TrainConfig:
+    top = {}
+    for key, value in tree.items():
+        if key in _SECTION_TYPES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{key}] must be a table")
+            top[key] = _apply_section(getattr(cfg, key), _SECTION_TYPES[key], value, f"{where}: {key}")
+        elif key in STAGES:
+            continue  # stage overlays are applied by load_config
+        elif key in ("stage", "tokenizer", "init"):
+            top[key] = _coerce(value, str, f"{where}: {key}")
+        else:
+            raise ConfigError(f"{where}: unknown section or key {key!r}; known: {sorted(SECTIONS) + list(STAGES)}")
+    try:
+        return dataclasses.replace(cfg, **top)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`optim.lr=2e-5` -> (["optim", "lr"], 2e-5). Values are TOML literals; bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=2e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as run.eval_path=data/eval
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, stage: str, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- file (shared tables, then the stage's overlay) <- `--set` overrides, all type-checked."""
+    cfg = TrainConfig(stage=stage)
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: config file not found") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from e
+        cfg = _apply(cfg, tree, str(path))
+        overlay = tree.get(stage, {})
+        cfg = _apply(cfg, overlay, f"{path} [{stage}]")
+        cfg = dataclasses.replace(cfg, stage=stage)
+    for text in overrides:
+        keys, value = parse_override(text)
+        tree: dict = value
+        for k in reversed(keys):
+            tree = {k: tree}
+        cfg = _apply(cfg, tree, f"--set {text}")
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def config_from_dict(tree: dict) -> TrainConfig:
+    """Inverse of `TrainConfig.to_dict` (used to read WORKDIR/config.json back)."""
+    return _apply(TrainConfig(stage=tree.get("stage", "pretrain")), tree, "config.json")
