@@ -15,7 +15,8 @@ Memory. The dense logits of piccolo's batch (32_768 queries x 32_768 positives x
 that for GTE with 7 hard negatives) do not fit, so the rows are processed in blocks of ``block_size``
 queries under ``lax.scan``: each block computes its logsumexp against every candidate, and the block
 body is wrapped in ``jax.checkpoint`` so that the backward pass recomputes the block's logits instead
-of saving them. Forward and backward peak memory are O(block_size x candidates).
+of saving them. Forward and backward peak memory are O(block_size x candidates). Every block adds
+to every candidate's gradient; those sums run in float32 even for bfloat16 inputs.
 
 Blocks are interleaved: block b holds the rows {b, b + n_blocks, b + 2 n_blocks, ...}. With a batch
 sharded contiguously over devices this puts every block's rows on all devices, so each device works on
@@ -197,16 +198,24 @@ def _contrastive(q_bd, p_bd, negs_bkd, temperature: float, block_size: int, *, g
         _to_blocks(row_b < batch, n_blocks, block),  # ... and valid = False
     )
 
+    # Every block adds to the gradient of every candidate, so the candidates enter the scan as
+    # float32 and are cast back to their own dtype inside the block: the per-block cotangents are
+    # then summed over the n_blocks steps in float32, not in bfloat16 (the matmuls keep the input
+    # dtype; the casts are no-ops for float32 inputs).
+    candidates = jax.tree.map(lambda x: x.astype(jnp.float32), (q_bd, p_bd, n_md))
+    dtypes = jax.tree.map(lambda x: x.dtype, (q_bd, p_bd, n_md))
+
     # Rematerialised in backward: only the block's inputs are saved, never its logits.
     @jax.checkpoint
-    def block_fn(q_rd, d_rd, row_r, valid_r, q_all, p_all, n_all):
+    def block_fn(q_rd, d_rd, row_r, valid_r, candidates_f32):
+        q_all, p_all, n_all = jax.tree.map(lambda x, t: x.astype(t), candidates_f32, dtypes)
         return _block_terms(
             q_rd, d_rd, row_r, valid_r, q_all, p_all, n_all,
             num_negs=num_negs, scale=scale, gte=gte,
         )
 
     def step(carry, x):
-        sums = block_fn(*x, q_bd, p_bd, n_md)
+        sums = block_fn(*x, candidates)
         return jax.tree.map(jnp.add, carry, sums), None
 
     zero = jnp.zeros((), jnp.float32)

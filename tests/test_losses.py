@@ -140,6 +140,24 @@ def test_metrics_are_informative():
     assert float(m["pos_sim"]) > float(m["hard_neg_sim"]) > float(m["neg_sim"])
 
 
+def test_collapsed_embeddings_give_log_partition_size_and_zero_accuracy():
+    """Every embedding equal: all logits tie, so L = log |Z_i| and no positive is strictly on top."""
+    batch, k = 6, 3
+    v = np.zeros((batch, 8), np.float32)
+    v[:, 0] = 1.0
+    n = np.repeat(v[:, None], k, axis=1)
+    # |Z_i| = q->d B(1+K), GTE adds q->q B-1, d->q B, d->d (B-1)(1+K)
+    cases = [
+        (in_batch_softmax_loss(v, v, 0.05), batch),
+        (hard_negative_loss(v, v, n, 0.05), batch * (1 + k)),
+        (gte_loss(v, v, None, 0.05), batch + (batch - 1) + batch + (batch - 1)),
+        (gte_loss(v, v, n, 0.05), batch * (1 + k) + (batch - 1) + batch + (batch - 1) * (1 + k)),
+    ]
+    for (loss, metrics), size in cases:
+        np.testing.assert_allclose(float(loss), np.log(size), rtol=RTOL)
+        assert float(metrics["accuracy"]) == 0.0
+
+
 def test_bfloat16_inputs_use_float32_math():
     q, p, negs = make_embeddings(9, 3)
     q16, p16, n16 = (jnp.asarray(x, jnp.bfloat16) for x in (q, p, negs))
@@ -149,6 +167,26 @@ def test_bfloat16_inputs_use_float32_math():
         assert loss.dtype == jnp.float32
         # the same formula on the bfloat16 values, in float64
         np.testing.assert_allclose(float(loss), ref(up(q16), up(p16), up(n16), 0.02)[0], rtol=RTOL, atol=ATOL)
+
+
+def test_bfloat16_gradients_are_summed_over_blocks_in_float32():
+    """64 blocks add into every candidate's gradient; the sum must not be rounded to bf16 each step.
+
+    Reference: the same loss on the bf16 values upcast to float32. One block (no running sum) sets
+    the floor of bf16 rounding; 64 blocks must stay near it (a bf16 running sum is ~1.7x worse).
+    """
+    q, p, _ = make_embeddings(512, 0)
+    q16, p16 = jnp.asarray(q, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
+
+    def rel_errors(block):
+        fn = lambda a, b: gte_loss(a, b, None, 0.05, block_size=block)[0]
+        want = jax.grad(fn, (0, 1))(q16.astype(jnp.float32), p16.astype(jnp.float32))
+        got = jax.jit(jax.grad(fn, (0, 1)))(q16, p16)
+        assert all(g.dtype == jnp.bfloat16 for g in got)
+        return [float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w)) for g, w in zip(got, want)]
+
+    for blocked, single in zip(rel_errors(8), rel_errors(512)):
+        assert blocked < 1.25 * single, (blocked, single)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""scripts/train.py end to end: loss goes down, kill -9 + restart = uninterrupted run, SIGTERM, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small and fast: 1 layer, 32 pairs, one padded shape per side, checkpoints every 4 steps.
+FAST = ["model.num_hidden_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
+        "model.intermediate_size=64", "data.query_max_length=16", "data.passage_max_length=32",
+        "data.pad_multiple=32", "loss.num_chunks=2", "run.log_every=1", "run.save_every=4",
+        "run.keep_checkpoints=3", "run.progress_bar=false", "optim.lr=1e-3", "optim.warmup_steps=4"]
+STEPS = 24
+
+
+def _cmd(workdir, *extra, stage="pretrain"):
+    sets = [a for s in FAST + list(extra) for a in ("--set", s)]
+    return [sys.executable, "scripts/train.py", "--stage", stage, "--workdir", str(workdir), *sets]
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "force_host_platform_device_count" not in f)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _run(workdir, *extra, stage="pretrain", timeout=600):
+    r = subprocess.run(_cmd(workdir, *extra, stage=stage), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _losses(workdir) -> dict[int, float]:
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        out[m["step"]] = m["loss"]  # a resumed run rewrites the steps after its checkpoint
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ref")
+    _run(workdir, f"run.steps={STEPS}")
+    return workdir
+
+
+def test_loss_decreases_and_outputs_exist(reference_run):
+    losses = _losses(reference_run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)])
+    assert last < 0.7 * first, (first, last)
+    log = (reference_run / "train.log").read_text()
+    for needle in ("mesh (data=1", "strategy=zero1", "global batch 32", "gradient caching 2 chunk(s)", "parameters"):
+        assert needle in log, needle
+    assert json.loads((reference_run / "config.json").read_text())["model"]["hidden_size"] == 32
+    assert list((reference_run / "tb").iterdir()), "no TensorBoard event file"
+
+
+def test_kill_9_and_restart_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(workdir, f"run.steps={STEPS}"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "8").is_dir():  # Orbax renames into place when complete
+            assert proc.poll() is None, "training ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    killed_at = max(_losses(workdir))
+    assert killed_at < STEPS, "the run finished before the kill"
+    _run(workdir, f"run.steps={STEPS}")
+    assert "resumed from" in (workdir / "train.log").read_text()
+    ref, got = _losses(reference_run), _losses(workdir)
+    assert sorted(got) == sorted(ref)
+    np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-6, atol=0)
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    workdir = tmp_path / "term"
+    proc = subprocess.Popen(_cmd(workdir, "run.steps=100000", "run.save_every=100000"), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "metrics.jsonl").exists() or len((workdir / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert "received signal 15" in out
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 3
+    assert not (workdir / "export").exists()  # interrupted runs do not export
+
+
+def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
+    import jax
+    import jax.numpy as jnp
+
+    from piccolo_jax.checkpoint import Checkpointer, abstract_like
+
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(0)}
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=3, async_save=False)
+    for step in (4, 8):
+        ckpt.save(step, {"w": state["w"] + step, "step": jnp.int32(step)}, {"position": step})
+    ckpt.wait()
+    for f in (tmp_path / "ckpt" / "8").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage")
+    with caplog.at_level("WARNING"):
+        step, restored, data = Checkpointer(tmp_path / "ckpt").restore_latest(abstract_like(state))
+    assert step == 4 and data == {"position": 4} and float(restored["w"][0, 0]) == 4.0
+    assert "unreadable" in caplog.text
+
+
+def test_config_errors_are_reported_before_compiling(tmp_path):
+    for bad, needle in (["optim.lrr=1"], "unknown key 'lrr'"), (["run.steps=1.5"], "run.steps: expected int"), \
+            (["loss.kind=\"triplet\""], "loss.kind='triplet'"):
+        t0 = time.time()
+        r = subprocess.run(_cmd(tmp_path / "x", *bad), cwd=ROOT, env=_env(), capture_output=True, text=True)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert time.time() - t0 < 60
+        assert not (tmp_path / "x").exists()
+
+
+def test_export_loads_in_sentence_transformers_with_our_embeddings(reference_run):
+    st = pytest.importorskip("sentence_transformers")
+    import jax
+
+    from piccolo_jax.model import encode
+    from piccolo_jax.params_io import load_model_dir
+    from piccolo_jax.tokenization import Tokenizer
+
+    texts = ["北京是中国的首都。", "这款手机的电池续航很好", "mixed 中英文 text 123"]
+    cfg, params = load_model_dir(reference_run / "export" / "model")
+    tok = Tokenizer.from_dir(reference_run / "export" / "model")
+    batch = tok.encode(texts, max_length=32)
+    ours = np.asarray(jax.jit(lambda p, i, m: encode(cfg, p, i, m)["embeddings"])(
+        params, batch["input_ids"], batch["attention_mask"]))
+    ref = st.SentenceTransformer(str(reference_run / "export" / "hf"), device="cpu").encode(texts)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_finetune_continues_from_pretrain(reference_run, tmp_path):
+    workdir = tmp_path / "ft"
+    _run(workdir, "run.steps=4", "data.num_negatives=2", stage="finetune")  # random init, then:
+    r = _run(tmp_path / "ft2", "run.steps=4", "data.num_negatives=2", f'init="{reference_run}"', stage="finetune")
+    log = (tmp_path / "ft2" / "train.log").read_text()
+    assert f"piccolo-jax model {reference_run}/export/model" in log and "loss gte" in log, r.stdout[-2000:]
+    assert len(_losses(tmp_path / "ft2")) == 4
