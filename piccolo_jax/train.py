@@ -70,7 +70,10 @@ def setup_logging(workdir: Path) -> None:
     if log.handlers:
         return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(workdir / "train.log")):
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if jax.process_index() == 0:  # one train.log per run, written by process 0
+        handlers.append(logging.FileHandler(workdir / "train.log"))
+    for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False

@@ -160,8 +160,6 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(reference_run
 
 
 def test_finetune_continues_from_pretrain(reference_run, tmp_path):
-    workdir = tmp_path / "ft"
-    _run(workdir, "run.steps=4", "data.num_negatives=2", stage="finetune")  # random init, then:
     r = _run(tmp_path / "ft2", "run.steps=4", "data.num_negatives=2", f'init="{reference_run}"', stage="finetune")
     log = (tmp_path / "ft2" / "train.log").read_text()
     assert f"piccolo-jax model {reference_run}/export/model" in log and "loss gte" in log, r.stdout[-2000:]

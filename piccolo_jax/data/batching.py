@@ -1,0 +1,139 @@
+"""From a BatchPlan to this host's token arrays: pick positives and negatives, prefix, tokenise, pad.
+
+Every choice is a counter-based hash of (seed, dataset, pass, record, slot), so any host computes the
+choices of any row without state. Hard negatives: K of the record's own list drawn without replacement;
+a record with 0 < n < K negatives cycles a shuffled copy of its list (repeats, as FlagEmbedding does);
+a record with none gets the positives of K records of the same dataset that are not in the batch
+(random negatives). Both cases are counted per dataset when the loader opens it, and reported.
+
+All hosts pad a global batch to the same lengths T without talking to each other: T is decided from the
+per-record character bounds of ALL B rows (arrays every host holds), rounded up to `pad_multiple` and
+capped at the max length; each host then tokenises only its own rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from piccolo_jax.data.config import DataConfig
+from piccolo_jax.data.sampler import BatchPlan, name_key
+from piccolo_jax.data.sources import Source
+from piccolo_jax.tokenization import Tokenizer, char_token_bounds
+
+_TAG_POSITIVE, _TAG_NEGATIVE, _TAG_FILL = 11, 12, 13
+_M1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64 constants
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix(*keys) -> np.ndarray:
+    """splitmix64 folded over the keys (ints or arrays, broadcast): uniform uint64 hashes."""
+    shape = np.broadcast_shapes(*(np.shape(k) for k in keys))
+    h = np.full(shape, _GOLDEN, np.uint64)
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+        for key in keys:
+            z = h ^ np.asarray(key).astype(np.uint64)
+            z = z + _GOLDEN
+            z = (z ^ (z >> np.uint64(30))) * _M1
+            z = (z ^ (z >> np.uint64(27))) * _M2
+            h = z ^ (z >> np.uint64(31))
+    return h
+
+
+def fill_record_ids(seed: int, dataset: str, epoch: int, record_ids: np.ndarray, batch_ids: np.ndarray,
+                    num_records: int, k: int) -> np.ndarray:
+    """[R, k] records lending a random negative to records `record_ids`, drawn among the records that
+    are NOT in the global batch `batch_ids` (a lender inside the batch would be a false negative)."""
+    outside = num_records - len(batch_ids)
+    if outside < 1:
+        raise ValueError(f"dataset {dataset!r}: records without negatives need random ones, but all "
+                         f"{num_records} records are in the batch")
+    draw = mix(seed, _TAG_FILL, name_key(dataset), epoch, record_ids[:, None], np.arange(k)[None, :])
+    u = (draw % np.uint64(outside)).astype(np.int64)  # rank among the records outside the batch
+    # The u-th id not in the sorted batch e_0 < e_1 < ... is u + #{j : e_j - j <= u}.
+    excluded = np.sort(batch_ids)
+    return u + np.searchsorted(excluded - np.arange(len(excluded)), u, side="right")
+
+
+def negative_slots(seed: int, dataset: str, epoch: int, record_id: int, count: int, k: int) -> np.ndarray:
+    """[k] indices into a record's `count` negatives: a seeded shuffle, cycled when count < k."""
+    keys = mix(seed, _TAG_NEGATIVE, name_key(dataset), epoch, record_id, np.arange(count))
+    order = np.argsort(keys, kind="stable")
+    return order[np.arange(k) % count]
+
+
+def positive_slot(seed: int, dataset: str, epoch: int, record_id: int, count: int) -> int:
+    """Which of a record's `count` positives this pass uses."""
+    return int(mix(seed, _TAG_POSITIVE, name_key(dataset), epoch, record_id) % np.uint64(count))
+
+
+def padded_length(bound: int, max_length: int, multiple: int) -> int:
+    """min(max_length, bound rounded up to a multiple of `multiple`)."""
+    return min(max_length, -(-bound // multiple) * multiple)
+
+
+def global_lengths(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer) -> tuple[int, int]:
+    """(Tq, Tp) for the whole global batch, identical on every host (see module doc)."""
+    if not tokenizer.char_bound_holds:
+        return cfg.query_max_length, cfg.passage_max_length
+    query_prefix, passage_prefix = cfg.prefixes(source.name)
+    prefix_q, prefix_p = char_token_bounds([query_prefix, passage_prefix])
+    rows = plan.record_ids
+    passage_bound = int(source.passage_bounds[rows].max())
+    if cfg.num_negatives:
+        lacking = rows[source.num_negatives[rows] == 0]
+        if len(lacking):
+            fill = fill_record_ids(cfg.seed, source.name, plan.epoch, lacking, rows, len(source),
+                                   cfg.num_negatives)
+            passage_bound = max(passage_bound, int(source.passage_bounds[fill].max()))
+    tq = padded_length(int(source.query_bounds[rows].max()) + int(prefix_q) + tokenizer.num_special,
+                       cfg.query_max_length, cfg.pad_multiple)
+    tp = padded_length(passage_bound + int(prefix_p) + tokenizer.num_special,
+                       cfg.passage_max_length, cfg.pad_multiple)
+    return tq, tp
+
+
+def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer,
+                     process_index: int, process_count: int) -> dict:
+    """This host's rows [process_index*b, (process_index+1)*b) of the global batch, b = B / hosts.
+
+    Returns query_input_ids / query_attention_mask [b, Tq], passage_input_ids / passage_attention_mask
+    [b, Tp], and when K > 0 negative_input_ids / negative_attention_mask [b, K, Tp] (all int32), plus
+    record_index [b] int32 and the Python values step, dataset_index, dataset_name.
+    """
+    b = len(plan.record_ids) // process_count
+    rows = plan.record_ids[process_index * b:(process_index + 1) * b]
+    tq, tp = global_lengths(plan, source, cfg, tokenizer)
+    query_prefix, passage_prefix = cfg.prefixes(source.name)
+    records = source.records(rows)
+    k, name = cfg.num_negatives, source.name
+    queries = [(r.prompt or query_prefix) + r.query for r in records]
+    passages = [passage_prefix + r.positives[positive_slot(cfg.seed, name, plan.epoch, rid, len(r.positives))]
+                for rid, r in zip(rows, records)]
+    batch = {}
+    if k:
+        lacking = [i for i, r in enumerate(records) if not r.negatives]
+        lenders = {}
+        if lacking:
+            fill = fill_record_ids(cfg.seed, name, plan.epoch, rows[lacking], plan.record_ids, len(source), k)
+            lent = source.records(fill.reshape(-1))
+            lenders = {i: lent[j * k:(j + 1) * k] for j, i in enumerate(lacking)}
+        negatives = []
+        for i, (rid, r) in enumerate(zip(rows, records)):
+            if i in lenders:
+                negatives += [passage_prefix + other.positives[0] for other in lenders[i]]
+            else:
+                slots = negative_slots(cfg.seed, name, plan.epoch, rid, len(r.negatives), k)
+                negatives += [passage_prefix + r.negatives[s] for s in slots]
+        neg = tokenizer.pad(tokenizer.token_ids(negatives, cfg.passage_max_length), tp)
+        batch["negative_input_ids"] = neg["input_ids"].reshape(b, k, tp)
+        batch["negative_attention_mask"] = neg["attention_mask"].reshape(b, k, tp)
+    query = tokenizer.pad(tokenizer.token_ids(queries, cfg.query_max_length), tq)
+    passage = tokenizer.pad(tokenizer.token_ids(passages, cfg.passage_max_length), tp)
+    batch.update({
+        "query_input_ids": query["input_ids"], "query_attention_mask": query["attention_mask"],
+        "passage_input_ids": passage["input_ids"], "passage_attention_mask": passage["attention_mask"],
+        "record_index": rows.astype(np.int32),
+        "step": plan.step, "dataset_index": plan.dataset, "dataset_name": name,
+    })
+    return batch

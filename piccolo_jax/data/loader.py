@@ -1,0 +1,197 @@
+"""The training data loader: sources + sampler + background tokenisation, and the hand-off to JAX.
+
+    loader = make_loader(cfg, tokenizer, jax.process_index(), jax.process_count(), state=saved)
+    for batch in loader:                      # endless; host-local numpy arrays
+        arrays = to_global_arrays(batch, sharding)
+        ...
+        checkpoint_extra = loader.state()     # small JSON-serialisable dict
+
+Batches are planned in order in the caller's thread (cheap: integers only) and built by `num_workers`
+threads, `prefetch` ahead. Most of the building time is the Rust tokenizer, which the tokenizers
+bindings run without holding the GIL; JSON parsing and padding are Python. `state()` describes the
+batches handed out, not the ones prefetched, so a resume repeats nothing and skips nothing.
+
+(Grain was considered: a batch here is a pure function of (seed, step), so exact resume needs no
+checkpointable iterator, and an ordered thread pool is all the parallelism the Rust tokenizer needs.)
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from piccolo_jax.data.batching import build_host_batch
+from piccolo_jax.data.config import DataConfig
+from piccolo_jax.data.sampler import Sampler
+from piccolo_jax.data.sources import Source, open_sources
+from piccolo_jax.tokenization import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Loader:
+    """Endless iterator of host-local batches (see `build_host_batch` for the keys and shapes)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, sources: list[Source],
+                 process_index: int = 0, process_count: int = 1, state: Mapping | None = None):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if cfg.global_batch_size % process_count:
+            raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by "
+                             f"{process_count} processes")
+        self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources
+        self.process_index, self.process_count = process_index, process_count
+        names = [s.name for s in sources]
+        for field, listed in (("symmetric_datasets", cfg.symmetric_datasets),
+                              ("dataset_prefixes", [p[0] for p in cfg.dataset_prefixes])):
+            unknown = sorted(set(listed) - set(names))
+            if unknown:
+                raise ValueError(f"{field} names unknown datasets {unknown}; datasets are {names}")
+        self.sampler = Sampler(names, [len(s) for s in sources], cfg.global_batch_size, cfg.seed,
+                               dict(cfg.weights) or None)
+        if state is None:
+            state = self.sampler.initial_state()
+        else:
+            self.sampler.check_state(state)
+            state = dict(state)
+        self._state = state  # after the last batch handed out
+        self._planned = state  # after the last batch submitted
+        self._pending: collections.deque = collections.deque()
+        self._closed = False
+        self._pool = (concurrent.futures.ThreadPoolExecutor(cfg.num_workers, "piccolo-data")
+                      if cfg.num_workers else None)
+        if not tokenizer.char_bound_holds:
+            log.warning("%s: token counts cannot be bounded from characters; padding every batch to "
+                        "the max lengths", tokenizer.source)
+        for line in self.summary_lines():
+            log.info("%s", line)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def bad_record_counts(self) -> dict[str, int]:
+        """Bad records skipped, per file (0 for clean files)."""
+        return {f: n for s in self.sources for f, n in s.bad_records.items()}
+
+    def report(self) -> dict:
+        """Per dataset: records, batches per pass, exclusion reason, negatives shortfall, bad records."""
+        k = self.cfg.num_negatives
+        out = {}
+        for i, s in enumerate(self.sources):
+            out[s.name] = {
+                "path": s.path, "records": len(s),
+                "batches_per_epoch": self.sampler.batches_per_epoch[i],
+                # records each pass leaves out (a different random set every pass)
+                "left_per_epoch": len(s) % self.cfg.global_batch_size if s.name not in self.sampler.excluded
+                else len(s),
+                "excluded": self.sampler.excluded.get(s.name),
+                "records_without_negatives": int((s.num_negatives == 0).sum()) if k else 0,
+                "records_with_repeated_negatives": int(((s.num_negatives > 0) & (s.num_negatives < k)).sum()),
+                "bad_records": sum(s.bad_records.values()), "bad_examples": list(s.bad_messages),
+            }
+        return out
+
+    def summary_lines(self) -> list[str]:
+        """The report as log lines."""
+        k, lines = self.cfg.num_negatives, []
+        for name, r in self.report().items():
+            line = (f"dataset {name}: {r['records']} records, {r['batches_per_epoch']} batches per pass, "
+                    f"{r['left_per_epoch']} records left out of each pass")
+            if r["excluded"]:
+                line += f", EXCLUDED ({r['excluded']})"
+            if r["records_without_negatives"]:
+                line += f", {r['records_without_negatives']} records without negatives get K={k} random ones"
+            if r["records_with_repeated_negatives"]:
+                line += f", {r['records_with_repeated_negatives']} records with fewer than K={k} repeat theirs"
+            if r["bad_records"]:
+                line += f", {r['bad_records']} bad records skipped"
+            lines.append(line)
+        return lines
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the metrics log: bad records per dataset and in total."""
+        bad = {f"data/bad_records/{s.name}": float(sum(s.bad_records.values())) for s in self.sources}
+        return {**bad, "data/bad_records_total": float(sum(bad.values())),
+                "data/step": float(self._state["step"])}
+
+    # -- iteration -------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """JSON-serialisable position after the last batch returned; pass to make_loader(state=...)."""
+        return dict(self._state)
+
+    def _build(self, plan):
+        return build_host_batch(plan, self.sources[plan.dataset], self.cfg, self.tokenizer,
+                                self.process_index, self.process_count)
+
+    def _submit(self) -> None:
+        plan, self._planned = self.sampler.plan(self._planned)
+        after = self._planned
+        if self._pool is None:
+            self._pending.append((plan, after))
+        else:
+            self._pending.append((self._pool.submit(self._build, plan), after))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._closed:
+            raise StopIteration
+        while len(self._pending) < max(1, self.cfg.prefetch if self._pool else 1):
+            self._submit()
+        job, after = self._pending.popleft()
+        batch = job.result() if self._pool is not None else self._build(job)
+        self._state = after
+        return batch
+
+    def close(self) -> None:
+        """Stop the workers and drop prefetched batches (the state is unaffected)."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_loader(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0, process_count: int = 1,
+                state: Mapping | None = None) -> Loader:
+    """Open the datasets of `cfg` and return a Loader for this host.
+
+    process_index / process_count: this host's position (jax.process_index(), jax.process_count());
+    each host gets global rows [process_index*b, (process_index+1)*b), b = global_batch_size / count.
+    state: a dict from `Loader.state()`; the loader continues with the batch after it.
+
+    Each batch (a dict, all arrays int32, every row from one dataset):
+        query_input_ids, query_attention_mask        [b, Tq]
+        passage_input_ids, passage_attention_mask    [b, Tp]
+        negative_input_ids, negative_attention_mask  [b, K, Tp]   only when cfg.num_negatives = K > 0
+        record_index                                 [b]          rows of the dataset (for debugging)
+        step, dataset_index, dataset_name            Python int / int / str
+    Tq and Tp are the same on every host for a given step (decided from the whole global batch),
+    multiples of cfg.pad_multiple or the max lengths.
+    """
+    sources = open_sources(cfg.paths, cfg.record_format, cfg.skip_bad_records, cfg.max_record_bytes)
+    return Loader(cfg, tokenizer, sources, process_index, process_count, state)
+
+
+def to_global_arrays(batch: Mapping, sharding) -> dict[str, jax.Array]:
+    """Host-local numpy arrays -> global jax.Arrays via jax.make_array_from_process_local_data.
+
+    `sharding` is one jax.sharding.Sharding for every array (e.g. NamedSharding(mesh, P("data"))),
+    or a mapping from key to Sharding. Leading dimension = the batch, concatenated over hosts in
+    process order. Non-array values (step, dataset_name, ...) are left out.
+    """
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            s = sharding[key] if isinstance(sharding, Mapping) else sharding
+            out[key] = jax.make_array_from_process_local_data(s, value)
+    return out

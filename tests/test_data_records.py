@@ -1,0 +1,143 @@
+"""Record formats and bad input: errors name file and line; skipped records are counted and reported."""
+
+import json
+import os
+import re
+
+import pytest
+
+from piccolo_jax.data import DataConfig, make_loader
+from piccolo_jax.data.records import BadRecord, Record, parse_line
+from piccolo_jax.data.sources import JsonlSource, open_sources
+from piccolo_jax.tokenization import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def test_uniem_pairs_and_triplets():
+    assert parse_line(_line({"text": "问", "text_pos": "答"})) == Record("问", ("答",))
+    assert parse_line(_line({"text": "问", "text_pos": "答", "text_neg": "错"})) == Record("问", ("答",), ("错",))
+    assert parse_line(_line({"text": "问", "text_pos": "答", "text_neg": ["错1", "错2"]})) == \
+        Record("问", ("答",), ("错1", "错2"))
+
+
+def test_bge_records():
+    obj = {"query": "q", "pos": ["p1", "p2"], "neg": ["n1"], "prompt": "为这个句子生成表示：", "pos_scores": [1, 1]}
+    assert parse_line(_line(obj)) == Record("q", ("p1", "p2"), ("n1",), "为这个句子生成表示：")
+    assert parse_line(_line({"query": "q", "pos": ["p"]})) == Record("q", ("p",))
+    assert parse_line(_line({"query": "q", "pos": ["p"], "prompt": ""})).prompt is None
+
+
+def test_declared_format_is_enforced():
+    with pytest.raises(BadRecord, match="missing field 'text'"):
+        parse_line(_line({"query": "q", "pos": ["p"]}), "uniem")
+    assert parse_line(_line({"query": "q", "pos": ["p"]}), "bge") == Record("q", ("p",))
+
+
+BAD_LINES = {
+    "malformed_json": (b'{"text": "a", "text_pos": ', "malformed JSON"),
+    "not_an_object": (b'["a", "b"]', "expected a JSON object, got list"),
+    "unknown_format": (_line({"question": "a", "answer": "b"}),
+                       r"record has neither 'text' \(uniem\) nor 'query' \(BGE\)"),
+    "ambiguous": (_line({"text": "a", "text_pos": "b", "query": "c"}), "ambiguous record"),
+    "missing_pos": (_line({"text": "a"}), "missing field 'text_pos'"),
+    "empty_query": (_line({"text": "  ", "text_pos": "b"}), "field 'text' is empty"),
+    "int_text": (_line({"text": 3, "text_pos": "b"}), "field 'text' must be a string, got int"),
+    "null_pos": (_line({"text": "a", "text_pos": None}), "field 'text_pos' must be a string, got NoneType"),
+    "neg_not_text": (_line({"text": "a", "text_pos": "b", "text_neg": ["c", 5]}),
+                     r"field 'text_neg'\[1\] must be a string, got int"),
+    "neg_empty_string": (_line({"text": "a", "text_pos": "b", "text_neg": ""}), r"field 'text_neg'\[0\] is empty"),
+    "bge_pos_string": (_line({"query": "a", "pos": "b"}), "field 'pos' must be a list of strings, got str"),
+    "bge_pos_empty": (_line({"query": "a", "pos": []}), "field 'pos' is an empty list"),
+    "bge_prompt_int": (_line({"query": "a", "pos": ["b"], "prompt": 1}), "field 'prompt' must be a string"),
+    "invalid_utf8": (b'{"text": "\xe4\xb8", "text_pos": "b"}', "invalid UTF-8 at byte 10"),
+    "lone_surrogate": (b'{"text": "a\\ud800", "text_pos": "b"}', r"invalid unicode \(lone surrogate \\ud800\)"),
+    "empty_line": (b"   ", "empty line"),
+    "long_line": (_line({"text": "长" * 200, "text_pos": "b"}), r"line is 6\d\d bytes, over max_record_bytes=256"),
+}
+
+
+def _write(tmp_path, bad: bytes, name="data.jsonl"):
+    path = tmp_path / name
+    good = [_line({"text": f"问题{i}", "text_pos": f"答案{i}"}) for i in range(3)]
+    path.write_bytes(b"\n".join([good[0], bad, good[1], good[2]]) + b"\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_record_stops_with_file_and_line(tmp_path, case):
+    raw, reason = BAD_LINES[case]
+    path = _write(tmp_path, raw)
+    with pytest.raises(BadRecord, match=re.escape(f"{path}:2: ") + reason) as info:
+        JsonlSource(path, max_record_bytes=256)
+    assert "skip_bad_records" in str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_record_skipped_and_counted(tmp_path, case):
+    raw, reason = BAD_LINES[case]
+    path = _write(tmp_path, raw)
+    source = JsonlSource(path, skip_bad_records=True, max_record_bytes=256)
+    assert len(source) == 3 and source.bad_records == {path: 1}
+    assert [r.query for r in source.records([0, 1, 2])] == ["问题0", "问题1", "问题2"]
+    assert source.line_numbers.tolist() == [1, 3, 4]
+    assert source.bad_messages[0].startswith(f"{path}:2: ")
+
+
+def test_loader_reports_bad_records_per_file(tmp_path, caplog):
+    bad = _write(tmp_path, BAD_LINES["malformed_json"][0], "bad.jsonl")
+    worse = tmp_path / "worse.jsonl"
+    worse.write_bytes(open(bad, "rb").read() + b"{oops\n[1]\n")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("".join(json.dumps({"text": f"q{i}", "text_pos": f"p{i}"}) + "\n" for i in range(4)))
+    tokenizer = Tokenizer.from_dir(os.path.join(REPO, "assets", "tokenizer"))
+    cfg = DataConfig(paths=(str(tmp_path),), global_batch_size=2, skip_bad_records=True, num_workers=0)
+    with caplog.at_level("INFO"):
+        loader = make_loader(cfg, tokenizer)
+    assert loader.bad_record_counts() == {bad: 1, str(clean): 0, str(worse): 3}
+    metrics = loader.metrics()
+    assert metrics["data/bad_records/bad"] == 1 and metrics["data/bad_records/worse"] == 3
+    assert metrics["data/bad_records_total"] == 4
+    assert f"{worse}:2: malformed JSON" in caplog.text
+    assert "3 bad records skipped" in caplog.text
+    assert loader.report()["worse"]["bad_examples"][1].startswith(f"{worse}:5: malformed JSON")
+    with pytest.raises(BadRecord, match=re.escape(f"{bad}:2: malformed JSON")):
+        make_loader(DataConfig(paths=(str(tmp_path),), global_batch_size=2), tokenizer)
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such dataset"):
+        open_sources([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(ValueError, match="unsupported dataset file"):
+        open_sources([str(tmp_path / "x.txt")])
+    with pytest.raises(ValueError, match="no .jsonl files or TFDS datasets"):
+        open_sources([str(tmp_path)])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "same.jsonl").write_text(json.dumps({"text": "q", "text_pos": "p"}) + "\n")
+    with pytest.raises(ValueError, match="dataset name 'same' is used by both"):
+        open_sources([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_absurdly_long_line_is_not_read_into_a_record(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    huge = _line({"text": "x" * (3 << 20), "text_pos": "b"})  # 3 MiB, over the 1 MiB default
+    path.write_bytes(b"\n".join([_line({"text": "a", "text_pos": "b"}), huge, _line({"text": "c", "text_pos": "d"})]))
+    with pytest.raises(BadRecord, match=re.escape(f"{path}:2: line is {len(huge) + 1:,} bytes")):
+        JsonlSource(str(path))
+    source = JsonlSource(str(path), skip_bad_records=True)
+    assert [r.query for r in source.records([0, 1])] == ["a", "c"] and source.line_numbers.tolist() == [1, 3]
+
+
+def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    bom = b"\xef\xbb\xbf"
+    path.write_bytes(bom + _line({"text": "a", "text_pos": "b"}) + b"\r\n" + _line({"query": "c", "pos": ["d"]}))
+    source = JsonlSource(str(path))
+    assert source.records([0, 1]) == [Record("a", ("b",)), Record("c", ("d",))]
