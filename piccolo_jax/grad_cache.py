@@ -114,8 +114,9 @@ def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Bat
 
     # Pass one: embeddings only; lax.map keeps no activations between chunks.
     q_c, p_c, n_c = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), xs), (towers_c, rows_c))
-    q, p = from_chunks(q_c, shards), from_chunks(p_c, shards)
-    n = from_chunks(n_c, shards) if k else None
+    # Back in row order, still split by rows (not by the embedding axis, which fsdp shards parameters on).
+    q, p = constrain(from_chunks(q_c, shards), 0), constrain(from_chunks(p_c, shards), 0)
+    n = constrain(from_chunks(n_c, shards), 0) if k else None
 
     # Loss and dL/d(embeddings) over the whole global batch.
     argnums = (0, 1, 2) if k else (0, 1)

@@ -94,7 +94,7 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
         loss, metrics, grads = grad_cache.loss_and_grads(
             encode_fn, loss_fn, state.params, batch, key, num_chunks=loss_cfg.num_chunks, shards=shards,
             constrain=sharding.row_constraint(mesh))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
