@@ -177,6 +177,12 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
                     metrics_log.write(step, last)
                     bar.update(step, last)
                     t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
+                if cfg.run.eval_path and (step == cfg.run.steps or (
+                        cfg.run.eval_every and step % cfg.run.eval_every == 0)):
+                    scores = evaluate(cfg, state.params, tokenizer, mesh)
+                    metrics_log.write(step, {"step": step, **scores})
+                    log.info("step %d eval: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+                    last.update(scores)
                 if step % cfg.run.save_every == 0 and step < cfg.run.steps:
                     ckpt.save(step, state, loader.state())
             if stop:
@@ -192,6 +198,18 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     if not stop and step >= cfg.run.steps:
         finish(cfg, workdir, state)
     return last
+
+
+def evaluate(cfg: TrainConfig, params: Any, tokenizer: Tokenizer, mesh) -> dict[str, float]:
+    """Metrics of the current parameters on `run.eval_path` (retrieval, STS or reranking layout)."""
+    from piccolo_jax.evaluation import evaluate_path
+    from piccolo_jax.inference import Encoder
+
+    strategy = "fsdp" if cfg.parallel.strategy == "fsdp" else "dp"
+    encoder = Encoder(cfg.model, params, tokenizer, mesh=mesh, strategy=strategy,
+                      max_length=max(cfg.data.query_max_length, cfg.data.passage_max_length))
+    kind, scores = evaluate_path(encoder, cfg.run.eval_path, mesh=mesh)
+    return {f"eval/{kind}/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))}
 
 
 def finish(cfg: TrainConfig, workdir: Path, state: TrainState) -> None:

@@ -160,7 +160,11 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(reference_run
 
 
 def test_finetune_continues_from_pretrain(reference_run, tmp_path):
-    r = _run(tmp_path / "ft2", "run.steps=4", "data.num_negatives=2", f'init="{reference_run}"', stage="finetune")
+    r = _run(tmp_path / "ft2", "run.steps=4", "data.num_negatives=2", f'init="{reference_run}"',
+             "run.eval_path=assets/eval/retrieval", "run.eval_every=2", stage="finetune")
     log = (tmp_path / "ft2" / "train.log").read_text()
     assert f"piccolo-jax model {reference_run}/export/model" in log and "loss gte" in log, r.stdout[-2000:]
     assert len(_losses(tmp_path / "ft2")) == 4
+    evals = [json.loads(line) for line in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()
+             if "eval/retrieval/ndcg@10" in line]
+    assert [e["step"] for e in evals] == [2, 4] and all(0 <= e["eval/retrieval/ndcg@10"] <= 1 for e in evals)

@@ -1,0 +1,305 @@
+"""Sentence embeddings at inference: `Encoder.load(path).encode(texts)`, sharded and length-bucketed.
+
+How a call to `Encoder.encode` spends its compute:
+
+1. Texts are tokenised (with piccolo's instruction prefix for queries / passages) in chunks of 65,536,
+   truncated to `max_length` tokens including [CLS] and [SEP].
+2. Each chunk's rows are sorted by token count, longest first, and cut into batches by a *token budget*:
+   a batch whose longest row has bucketed length T holds B = budget // T rows (rounded down to a multiple
+   of the number of batch shards). Short texts therefore run in wide batches and long texts in narrow
+   ones, and padding is only the gap between a row and its bucket.
+3. Bucket lengths are 8 per octave (multiples of 8 up to 128, then of 16 up to 256, of 32 up to 512), so
+   padding is under max(8 tokens, 1/8 of the row) and 512 tokens need 32 bucket lengths (32 compiled
+   shapes for a given budget); the final, uneven batch is padded to a power-of-two multiple of the shard
+   count with dummy rows that are dropped.
+4. Each batch is split over all batch devices of the mesh (parameters replicated, or sharded with
+   strategy "fsdp"); results come back to the host two batches late, so tokenising the next batch
+   overlaps the device work.
+
+`embed` is the array-level function (token ids -> embeddings) for use inside other JAX programs.
+The Encoder drives the devices of one process (single-host); it does not split texts across hosts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from piccolo_jax import sharding
+from piccolo_jax.model import abstract_model
+from piccolo_jax.model import encode as model_encode
+from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.tokenization import Tokenizer
+
+QUERY_PREFIX = "查询: "  # piccolo's query instruction
+PASSAGE_PREFIX = "结果: "  # piccolo's passage instruction
+PREFIXES = {"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX, None: ""}
+# Default token budget per batch shard (padded tokens). On CPU small batches stay in cache and were
+# fastest in benchmarks/bench_inference.py (1,024 beat 4,096 by ~1.3x on MiniLM); accelerators want
+# large batches to fill their matmul units.
+TOKENS_PER_SHARD = {"cpu": 1024}
+TOKENS_PER_SHARD_ACCELERATOR = 16384
+CHUNK_TEXTS = 1 << 16  # texts tokenised, sorted and bucketed at a time (bounds the host's token-id lists)
+
+
+# ------------------------------------------------------------------------------------ array-level function
+def embed(cfg: ModelConfig, params: Any, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,
+          normalize: bool = True) -> jax.Array:
+    """Pure, jittable: token ids [B, T] + mask [B, T] -> float32 sentence embeddings [B, D].
+
+    Pooling follows `cfg.pooling`; `normalize` decides the L2 normalisation (whatever `cfg.normalize`
+    says), so `normalize=False` gives the raw pooled vector. Pass `params` as an argument of your own
+    `jax.jit` (not as a closure) so they are not baked into the program as constants.
+    """
+    raw_cfg = cfg.replace(normalize=False) if cfg.normalize else cfg
+    e_bd = model_encode(raw_cfg, params, input_ids_bt, attention_mask_bt)["embeddings"]
+    if normalize:  # torch.nn.functional.normalize: x / max(||x||, 1e-12)
+        e_bd = e_bd / jnp.maximum(jnp.linalg.norm(e_bd, axis=-1, keepdims=True), 1e-12)
+    return e_bd
+
+
+# ------------------------------------------------------------------------------------------ batch planning
+def bucket_length(n_tokens: int, max_length: int) -> int:
+    """Smallest bucket >= n_tokens: steps of max(8, 2^(k-3)) inside the octave [2^k, 2^(k+1)).
+
+    100 -> 104 (step 8), 200 -> 208 (step 16), 300 -> 320 (step 32); never above `max_length`.
+    """
+    n = max(int(n_tokens), 1)
+    step = max(8, 1 << max(0, n.bit_length() - 4))
+    return min(-(-n // step) * step, max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One device batch: `rows` (indices into the input) padded to `num_rows` x `length` tokens."""
+
+    rows: np.ndarray  # int64 [n_real] input positions, n_real <= num_rows
+    num_rows: int  # B, a multiple of the batch-shard count
+    length: int  # T, a bucket length
+
+
+def plan_batches(lengths_n: np.ndarray, tokens_per_batch: int, max_length: int, row_multiple: int = 1
+                 ) -> list[Batch]:
+    """Cut rows (token counts `lengths_n`) into batches of about `tokens_per_batch` padded tokens.
+
+    Rows are taken longest first; a batch's first row fixes its bucket length T, and it holds
+    B = tokens_per_batch // T rows rounded down to a multiple of `row_multiple` (at least one multiple).
+    Only the last batch can be short: its rows are padded to the next power-of-two multiple of
+    `row_multiple` (at most B), which keeps the set of compiled shapes small across calls.
+    """
+    lengths_n = np.asarray(lengths_n)
+    order = np.argsort(-lengths_n, kind="stable")
+    batches, i, n = [], 0, len(order)
+    while i < n:
+        t = bucket_length(int(lengths_n[order[i]]), max_length)
+        b = max(row_multiple, (tokens_per_batch // t) // row_multiple * row_multiple)
+        rows = order[i:i + b]
+        if len(rows) < b:  # final batch: 2^j * row_multiple >= len(rows)
+            groups = -(-len(rows) // row_multiple)
+            b = min(b, row_multiple * (1 << (groups - 1).bit_length()))
+        batches.append(Batch(rows=rows, num_rows=b, length=t))
+        i += len(rows)
+    return batches
+
+
+def pack_batch(token_ids: Sequence[Sequence[int]], batch: Batch, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ids [B, T] and mask [B, T]; dummy rows get one unmasked token so every row is well defined."""
+    ids_bt = np.full((batch.num_rows, batch.length), pad_id, dtype=np.int32)
+    mask_bt = np.zeros((batch.num_rows, batch.length), dtype=np.int32)
+    for r, i in enumerate(batch.rows):
+        row = token_ids[i]
+        ids_bt[r, :len(row)] = row
+        mask_bt[r, :len(row)] = 1
+    mask_bt[len(batch.rows):, 0] = 1
+    return ids_bt, mask_bt
+
+
+# ------------------------------------------------------------------------------------------------ Encoder
+class Encoder:
+    """Sentence encoder over a device mesh. Build with `Encoder.load(path)`; call `encode(texts)`."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, *, mesh=None,
+                 strategy: str = "dp", max_length: int | None = None,
+                 tokens_per_batch: int | None = None):
+        """Place `params` (numpy or jax arrays) on `mesh` (default: every device) with `strategy`."""
+        if strategy not in ("dp", "fsdp"):
+            raise ValueError(f"strategy={strategy!r}; expected 'dp' (replicated) or 'fsdp' (sharded)")
+        mesh = default_mesh(strategy) if mesh is None else mesh
+        self.cfg, self.mesh, self.strategy, self.tokenizer = cfg, mesh, strategy, tokenizer
+        self.max_length = _check_max_length(max_length or cfg.max_position_embeddings, cfg)
+        self.tokens_per_batch = tokens_per_batch
+        _, abstract, logical = abstract_model(cfg)
+        self.param_shardings = sharding.param_shardings(abstract, logical, mesh, strategy)
+        self.params = jax.device_put(params, self.param_shardings)
+        self.num_shards = sharding.data_parallel_size(mesh)
+        self._fns: dict[bool, Callable] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, dtype: str = "float32", strategy: str = "dp", mesh=None,
+             max_length: int | None = None, tokens_per_batch: int | None = None) -> Encoder:
+        """Load a Hugging Face BERT directory or a piccolo-jax model directory.
+
+        dtype: "float32" or "bfloat16" compute (parameters stay float32; embeddings are float32).
+        strategy: "dp" replicates parameters on every device; "fsdp" shards them (large models).
+        max_length: token limit incl. [CLS]/[SEP]; default `max_seq_length` of sentence_bert_config.json,
+            else the model's position count (512).
+        """
+        from piccolo_jax import params_io
+
+        path = Path(path)
+        if params_io.is_model_dir(path):
+            cfg = ModelConfig.from_json_file(path / "config.json", compute_dtype=dtype)
+            mesh = default_mesh(strategy) if mesh is None else mesh
+            _, abstract, logical = abstract_model(cfg)  # restore straight into the final shardings
+            shardings = sharding.param_shardings(abstract, logical, mesh, strategy)
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                  shardings)
+            _, params = params_io.load_model_dir(path, abstract=target, compute_dtype=dtype)
+        elif (path / "config.json").is_file():
+            from conversion.hf import load_hf_model
+
+            cfg, params, _ = load_hf_model(path, compute_dtype=dtype)
+        else:
+            raise FileNotFoundError(f"{path}: neither a piccolo-jax model directory (config.json + params/) "
+                                    "nor a Hugging Face directory (config.json + weights)")
+        return cls(cfg, params, Tokenizer.from_dir(path), mesh=mesh, strategy=strategy,
+                   max_length=max_length or _st_max_seq_length(path), tokens_per_batch=tokens_per_batch)
+
+    @property
+    def default_tokens_per_batch(self) -> int:
+        """Padded tokens per global batch when neither batch_size nor tokens_per_batch is given."""
+        platform = self.mesh.devices.flat[0].platform
+        return TOKENS_PER_SHARD.get(platform, TOKENS_PER_SHARD_ACCELERATOR) * self.num_shards
+
+    @property
+    def dim(self) -> int:
+        """Embedding width D."""
+        return self.cfg.hidden_size
+
+    def embed_fn(self, normalize: bool = True) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+        """Compiled `(params, input_ids_bt, attention_mask_bt) -> embeddings_bd`, batch sharded.
+
+        Cached per `normalize`; jax caches one executable per input shape.
+        """
+        if normalize not in self._fns:
+            cfg = self.cfg
+            rows = sharding.batch_sharding(self.mesh, 2)
+            self._fns[normalize] = jax.jit(
+                lambda p, ids, mask: embed(cfg, p, ids, mask, normalize),
+                in_shardings=(self.param_shardings, rows, rows), out_shardings=rows)
+        return self._fns[normalize]
+
+    def embed_arrays(self, input_ids_bt, attention_mask_bt, normalize: bool = True) -> jax.Array:
+        """Embeddings [B, D] of already tokenised rows; B must be a multiple of the batch-shard count."""
+        b = np.shape(input_ids_bt)[0]
+        if b % self.num_shards:
+            raise ValueError(f"batch of {b} rows does not split over {self.num_shards} batch shards")
+        return self.embed_fn(normalize)(self.params, input_ids_bt, attention_mask_bt)
+
+    def encode(self, texts: str | Sequence[str], kind: str | None = None, *, batch_size: int | None = None,
+               max_length: int | None = None, normalize: bool = True, show_progress: bool = False,
+               tokens_per_batch: int | None = None) -> np.ndarray:
+        """Embed `texts`: float32 numpy [N, D] in input order ([D] for a single string).
+
+        kind: "query" prefixes piccolo's "查询: ", "passage" prefixes "结果: ", None adds nothing.
+        batch_size: rows per batch at full `max_length`: the token budget per batch becomes
+            batch_size x max_length, so short texts run in wider batches. Default (and `tokens_per_batch`
+            None): 1,024 tokens per batch shard on CPU, 16,384 on GPU / TPU.
+        tokens_per_batch: the padded-token budget of one (global) batch, instead of `batch_size`.
+        normalize: L2-normalise (False returns the raw pooled vector even if the model normalises).
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        prefix = _prefix(kind)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
+        max_length = _check_max_length(max_length or self.max_length, self.cfg)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        budget = (tokens_per_batch or (batch_size * max_length if batch_size else None) or self.tokens_per_batch
+                  or self.default_tokens_per_batch)
+        if budget < 1:
+            raise ValueError(f"tokens_per_batch={budget} must be positive")
+        out_nd = np.zeros((len(texts), self.dim), dtype=np.float32)
+        fn, progress = self.embed_fn(normalize), _progress(len(texts), show_progress)
+        for start in range(0, len(texts), CHUNK_TEXTS):  # bounded host memory for the token ids
+            token_ids = self.tokenizer.token_ids(texts[start:start + CHUNK_TEXTS], max_length, prefix)
+            lengths_n = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+            batches = plan_batches(lengths_n, budget, max_length, self.num_shards)
+            for batch, e_bd in self._run(fn, token_ids, batches):
+                out_nd[start + batch.rows] = e_bd[:len(batch.rows)]
+                progress.update(len(batch.rows))
+        progress.close()
+        return out_nd[0] if single else out_nd
+
+    def _run(self, fn, token_ids, batches: list[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
+        """Dispatch batches asynchronously; fetch each result two batches later (bounded device memory)."""
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            ids_bt, mask_bt = pack_batch(token_ids, batch, self.tokenizer.pad_id)
+            pending.append((batch, fn(self.params, ids_bt, mask_bt)))
+            if len(pending) > 2:
+                done, e_bd = pending.popleft()
+                yield done, np.asarray(e_bd)
+        while pending:
+            done, e_bd = pending.popleft()
+            yield done, np.asarray(e_bd)
+
+
+def default_mesh(strategy: str = "dp"):
+    """Every device on the batch axis: "dp" over the data axis, "fsdp" over the fsdp axis."""
+    if strategy not in ("dp", "fsdp"):
+        raise ValueError(f"strategy={strategy!r}; expected 'dp' (replicated) or 'fsdp' (sharded)")
+    mesh_cfg = sharding.MeshConfig(data=-1, strategy="dp") if strategy == "dp" else \
+        sharding.MeshConfig(data=1, fsdp=-1, strategy="fsdp")
+    return sharding.make_mesh(mesh_cfg)
+
+
+def _prefix(kind: str | None) -> str:
+    if kind not in PREFIXES:
+        raise ValueError(f"kind={kind!r}; expected 'query', 'passage' or None")
+    return PREFIXES[kind]
+
+
+def _check_max_length(max_length: int, cfg: ModelConfig) -> int:
+    if not 3 <= max_length <= cfg.max_position_embeddings:
+        raise ValueError(f"max_length={max_length} must be in [3, {cfg.max_position_embeddings}] "
+                         "(the model's position embeddings)")
+    return int(max_length)
+
+
+def _st_max_seq_length(path: Path) -> int | None:
+    """`max_seq_length` of a sentence-transformers `sentence_bert_config.json`, if the directory has one."""
+    f = path / "sentence_bert_config.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("max_seq_length")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool):
+    if not show:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="text", desc="encode")
