@@ -44,7 +44,8 @@ def _losses(workdir) -> dict[int, float]:
     out = {}
     for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
         m = json.loads(line)
-        out[m["step"]] = m["loss"]  # a resumed run rewrites the steps after its checkpoint
+        if "loss" in m:  # evaluation lines carry only eval/* metrics
+            out[m["step"]] = m["loss"]  # a resumed run rewrites the steps after its checkpoint
     return out
 
 
