@@ -173,7 +173,7 @@ def main() -> None:
             hf = measure_hf_collator(stage, tmp, args.batch, args.batches)
             print(f"{stage:8s} transformers.AutoTokenizer alone (PyTorch collators): {hf:7.1f} examples/s")
             if not args.no_step:
-                step_batch = 2 if k else 8  # BERT-base at 64 / 8 x 512 tokens is ~40 s per query on 2 cores
+                step_batch = 1 if k else 8  # BERT-base at 64 + 8 x 512 tokens is tens of seconds per query on 2 cores
                 consumed = measure_step_rate(stage, step_batch)
                 print(f"{stage:8s} train step (piccolo-base-zh, float32, this CPU, batch {step_batch}): "
                       f"{consumed:7.2f} examples/s -> pipeline / step = {m['rate'] / consumed:,.0f}x "

@@ -136,3 +136,15 @@ def test_config_mismatch_is_refused():
         ModelConfig.from_hf_dict({**TINY, "hidden_act": "relu"})
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(**{**TINY, "num_attention_heads": 5})
+
+
+def test_fused_dropout_masks_equal_jax_random_bernoulli():
+    from piccolo_jax import model as model_lib
+
+    if not hasattr(model_lib, "_bernoulli_rows"):
+        pytest.skip("dropout masks come from jax.random directly")
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(3), jnp.arange(5))
+    for shape, p in (((7,), 0.9), ((4, 33), 0.5), ((2, 3, 16, 16), 0.1)):
+        ours = model_lib._bernoulli_rows(keys, p, shape)
+        ref = jax.vmap(lambda k: jax.random.bernoulli(k, p, shape))(keys)  # noqa: B023
+        assert ours.shape == ref.shape and bool(jnp.all(ours == ref)), shape
