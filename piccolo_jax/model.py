@@ -12,6 +12,7 @@ always reproduces the same masks, which gradient caching relies on.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -52,8 +53,84 @@ def _dropout(x_b: jax.Array, rate: float, keys_b: jax.Array | None) -> jax.Array
     """
     if keys_b is None or rate <= 0.0:
         return x_b
-    keep_b = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x_b.shape[1:]))(keys_b)
+    keep_b = _bernoulli_rows(keys_b, 1.0 - rate, x_b.shape[1:])
     return jnp.where(keep_b, x_b / (1.0 - rate), jnp.zeros_like(x_b)).astype(x_b.dtype)
+
+
+def _bernoulli_rows(keys_b: jax.Array, p: float, row_shape: tuple[int, ...]) -> jax.Array:
+    """[B, *row_shape] booleans, row b = jax.random.bernoulli(keys_b[b], p, row_shape), bit for bit.
+
+    For threefry keys (JAX's default, partitionable bits) the generator is written out as elementwise uint32
+    arithmetic, which XLA fuses into the consumer: jax.random's own CPU lowering runs threefry as a rolled
+    loop over whole arrays, and on CPU that made dropout masks cost about 9x as much (memory traffic of
+    ten passes over uint32 state per site). Any other key type takes jax.random itself.
+    """
+    size = math.prod(row_shape)
+    fast = (jax.dtypes.issubdtype(keys_b.dtype, jax.dtypes.prng_key)
+            and str(jax.random.key_impl(keys_b)) == "threefry2x32"
+            and jax.config.jax_threefry_partitionable and size < 2 ** 32)
+    if not fast:
+        return jax.vmap(lambda k: jax.random.bernoulli(k, p, row_shape))(keys_b)
+    shape = (keys_b.shape[0], *row_shape)
+    # Counter of element (b, i...) within its row: the row-major flat index (jax.random's iota_2x32_shape,
+    # whose high word is 0 below 2^32 elements).
+    counter = jnp.zeros(shape, jnp.uint32)
+    for axis, stride in enumerate(_strides(row_shape), start=1):
+        counter = counter + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    key_data = jax.random.key_data(keys_b).reshape(shape[0], *([1] * len(row_shape)), 2)
+    bits1, bits2 = _threefry2x32(key_data[..., 0], key_data[..., 1], jnp.zeros_like(counter), counter)
+    bits = bits1 ^ bits2
+    # jax.random.uniform's float32 construction from 32 random bits, then bernoulli's comparison.
+    u = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+    return u < jnp.float32(p)
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
+
+
+def _threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as jax.random computes it, unrolled."""
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
+
+
+@jax.custom_vjp
+def _gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x Φ(x) = x/2 (1 + erf(x / sqrt 2)), the formula of torch.nn.functional.gelu.
+
+    The same function as jax.nn.gelu(approximate=False), which goes through erfc; erf is one rational
+    polynomial on XLA:CPU (no exp, no branches), 1.4x faster there and fusable into the next matmul. The
+    custom VJP keeps only x for the backward pass, dx = dy (Φ(x) + x φ(x)), computed there in one fused
+    pass, instead of autodiff's forward-time derivative arrays (one extra [tokens, FFN] pass per layer).
+    Being a custom VJP, it supports reverse-mode differentiation only (grad / vjp, not jvp).
+    """
+    return x * 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+def _gelu_fwd(x):
+    return _gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+    # The barrier keeps XLA from sharing erf(x) with the forward pass (CSE would store it as a residual).
+    x = jax.lax.optimization_barrier(x)
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+    pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
+    return (dy * (cdf + x * pdf),)
+
+
+_gelu.defvjp(_gelu_fwd, _gelu_bwd)
+_SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 
 
 def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
@@ -108,7 +185,11 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel[...].astype(x.dtype)
-        return jnp.dot(x, k) + self.bias[...].astype(x.dtype)
+        # A 2-D matmul over all tokens: its weight gradient is then one [in, tokens] x [tokens, out]
+        # product that XLA:CPU runs without first copying a transposed activation (the [B, T, in] form
+        # made it transpose x or dy; 1.5x slower for an FFN's forward + backward at 1,024 tokens).
+        y = jnp.dot(x.reshape(-1, x.shape[-1]), k) + self.bias[...].astype(x.dtype)
+        return y.reshape(*x.shape[:-1], k.shape[1])
 
 
 class Attention(nnx.Module):
@@ -125,19 +206,26 @@ class Attention(nnx.Module):
         b, t, d = x_btd.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
         q_btnh, k_btnh, v_btnh = split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd))
-        mask_b11s = valid_bt[:, None, None, :]
         probs_key = _fold(key, _SITE_ATTN_PROBS)
-        if probs_key is None or self.probs_dropout <= 0.0:
-            # Fused path (cuDNN flash attention on GPU when dtypes allow; XLA elsewhere).
-            o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=mask_b11s)
-        else:
-            # Training with attention-probability dropout, which the fused kernel does not offer.
-            scale = self.head_dim ** -0.5
-            s_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_btnh, preferred_element_type=jnp.float32) * scale
-            s_bnts = jnp.where(mask_b11s, s_bnts, jnp.finfo(jnp.float32).min)
-            p_bnts = _dropout(jax.nn.softmax(s_bnts, axis=-1), self.probs_dropout, probs_key)
-            o_btnh = jnp.einsum("bnts,bsnh->btnh", p_bnts.astype(v_btnh.dtype), v_btnh)
-        return self.output(o_btnh.reshape(b, t, d))
+        dropout = probs_key is not None and self.probs_dropout > 0.0
+        if not dropout and jax.default_backend() == "gpu":
+            # Fused attention: cuDNN flash attention when the dtypes allow it.
+            o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=valid_bt[:, None, None, :])
+            return self.output(o_btnh.reshape(b, t, d))
+        # Explicit attention (CPU, TPU, and attention-probability dropout, which the fused call lacks).
+        # Heads-major layout [B, N, T, H] for both products, the 1/sqrt(H) scale folded into q and the
+        # padding mask as an additive row bias. On XLA:CPU the attention block alone measured 1.3-2.3x
+        # faster than jax.nn.dot_product_attention forward and 1.4-1.8x forward + backward (B 32, T 64
+        # and 128, 12 heads); its forward then compiles to a single fused kernel.
+        q_bnth = jnp.swapaxes(q_btnh * jnp.asarray(self.head_dim ** -0.5, q_btnh.dtype), 1, 2)
+        k_bnsh, v_bnsh = jnp.swapaxes(k_btnh, 1, 2), jnp.swapaxes(v_btnh, 1, 2)
+        s_bnts = jnp.einsum("bnth,bnsh->bnts", q_bnth, k_bnsh, preferred_element_type=jnp.float32)
+        bias_b11s = jnp.where(valid_bt, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        p_bnts = jax.nn.softmax(s_bnts + bias_b11s, axis=-1)
+        if dropout:
+            p_bnts = _dropout(p_bnts, self.probs_dropout, probs_key)
+        o_bnth = jnp.einsum("bnts,bnsh->bnth", p_bnts.astype(v_bnsh.dtype), v_bnsh)
+        return self.output(jnp.swapaxes(o_bnth, 1, 2).reshape(b, t, d))
 
 
 class Layer(nnx.Module):
@@ -155,7 +243,7 @@ class Layer(nnx.Module):
     def __call__(self, x_btd, valid_bt, key):
         a_btd = _dropout(self.attention(x_btd, valid_bt, key), self.hidden_dropout, _fold(key, _SITE_ATTN_OUT))
         x_btd = self.attention_norm(x_btd + a_btd)
-        h_btf = jax.nn.gelu(self.ffn_in(x_btd), approximate=False)
+        h_btf = _gelu(self.ffn_in(x_btd))
         h_btd = _dropout(self.ffn_out(h_btf), self.hidden_dropout, _fold(key, _SITE_FFN_OUT))
         return self.ffn_norm(x_btd + h_btd)
 

@@ -87,7 +87,16 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
     shards = sharding.data_parallel_size(mesh)
     loss_fn = make_loss_fn(loss_cfg)
 
+    gather = None
+    if strategy == "fsdp":
+        # Gather-on-use: inside the encoder each weight is all-gathered over the fsdp axis (kept split over
+        # "tensor"), instead of XLA all-reducing activations of the whole batch against sharded weights.
+        _, abstract, logical = abstract_model(model_cfg)
+        gather = sharding.param_shardings(abstract, logical, mesh, "dp")
+
     def encode_fn(params, ids, mask, keys):
+        if gather is not None:
+            params = jax.lax.with_sharding_constraint(params, gather)
         return encode(model_cfg, params, ids, mask, dropout_key=keys)["embeddings"]
 
     def step(state: TrainState, batch: dict, key: jax.Array):
