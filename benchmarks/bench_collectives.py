@@ -248,13 +248,11 @@ Notes (what the HLO shows; run with --verbose to see each op and its op_name):
     reduce-scatter as all-reduce bytes. For zero1 the word embedding's gradient is never reduced: the
     partitioner all-gathers the per-token cotangents [B, T, D] instead (cheaper than 4 x 21128 x D) and
     each device scatter-adds into its own shard.
- 3. fsdp as written does not gather parameters: with the batch split over "fsdp" and the weights' "embed"
-    dimension also split over "fsdp", the partitioner keeps the weights sharded and contracts over the
-    sharded dimension, all-reducing *activations* of the whole global batch ([B, T, F] per FFN matmul)
-    and adding all-to-alls to reshard; every device then computes on all B rows. Fix (train step):
-    gather on use, i.e. constrain the parameters to the replicated-over-fsdp layout inside the encode
-    function (jax.lax.with_sharding_constraint); compiled that way, num_chunks=1 shows exactly one
-    all-gather of 4P and no activation collectives.
+ 3. fsdp gathers on use: the train step constrains the parameters to the replicated-over-fsdp layout
+    inside the encode function, so each weight is all-gathered once per encoder call (1 x 4P per call,
+    no activation collectives); without that constraint the partitioner contracted over the sharded
+    "embed" dimension and all-reduced activations of the whole global batch instead. The gradient is
+    still all-reduced (note 2) rather than reduce-scattered on CPU.
  4. The loss moves only embeddings: all-gathers of [B, D] candidates (forward and rematerialised
     backward) and one all-reduce of their [B, D] cotangent, 32 KiB each here, as expected.
  5. The many collectives under 4 KiB are dropout-key bookkeeping (u32[16] row keys) and scalar metrics;
