@@ -236,13 +236,11 @@ def main(argv=None):
 
 NOTES = """
 Notes (what the HLO shows; run with --verbose to see each op and its op_name):
- 1. Gradients are reduced once per encoder *call*, not once per step. The query and passage towers are
-    two encoder calls, so every parameter's gradient appears twice in the all-reduce tuple (2 x 4P for
-    dp, num_chunks=1), and with gradient caching the all-reduce sits inside the pass-two scan: 2 C x 4P
-    (num_chunks=4: 8 x the minimum). The partitioner reduces each contribution before the add because
-    the accumulator is replicated. Fix (grad_cache / train step): encode both towers in one call when
-    their lengths agree, and accumulate the chunk gradients unreduced (e.g. shard_map over the batch
-    axes with one psum / psum_scatter after the scan), which gives the 1 x 4P minimum.
+ 1. Without gradient caching the gradient is reduced once per encoder *call*: the query and passage
+    towers are two calls, so every parameter's gradient appears twice in the all-reduce tuple (2 x 4P
+    for dp). With gradient caching and replicated parameters (dp / zero1, no tensor axis), pass two runs
+    under jax.shard_map on each shard's own rows and psums the accumulated gradient once per step
+    (1 x 4P); with fsdp the reduction still sits inside the chunk loop (2 C x 4P).
  2. No reduce-scatter on CPU: XLA's CPU pipeline keeps the partitioner's all-reduce + dynamic-slice
     (the GPU/TPU pipelines rewrite it as a reduce-scatter), so zero1 and fsdp show their gradient
     reduce-scatter as all-reduce bytes. For zero1 the word embedding's gradient is never reduced: the

@@ -85,11 +85,14 @@ def _encode_rows(encode_fn, params, t: dict, rows: dict, key, k: int):
 def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Batch, key: jax.Array | None, *,
                    num_chunks: int = 1, shards: int = 1,
                    constrain: Callable[[jax.Array, int], jax.Array] = lambda x, axis: x,
+                   local_sum: Callable | None = None,
                    ) -> tuple[jax.Array, dict, Any]:
     """(loss, metrics, dL/dparams) of the global batch; `num_chunks=1` is the plain one-pass step.
 
     `shards` is the number of data-parallel devices the batch rows are split over; `constrain(x, axis)`
-    pins axis `axis` of x to them (see `sharding.row_constraint`).
+    pins axis `axis` of x to them (see `sharding.row_constraint`). `local_sum` (see
+    `sharding.shard_local_sum`), when given, runs pass two on each shard's own rows and reduces the
+    parameter gradient once, instead of once per encoder call and chunk.
     """
     towers, k = _towers(batch)
     b = towers["q_ids"].shape[0]
@@ -107,13 +110,13 @@ def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Bat
     towers_c = {name: chunk(x) for name, x in towers.items() if x is not None}
     rows_c = {name: chunk(r) for name, r in rows.items()}
 
-    def embed(p, xs):
+    def embed(p, xs, key):
         t, r = xs
         t = {**t, "n_ids": t.get("n_ids"), "n_mask": t.get("n_mask")}
         return _encode_rows(encode_fn, p, t, r, key, k)
 
     # Pass one: embeddings only; lax.map keeps no activations between chunks.
-    q_c, p_c, n_c = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), xs), (towers_c, rows_c))
+    q_c, p_c, n_c = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), xs, key), (towers_c, rows_c))
     # Back in row order, still split by rows (not by the embedding axis, which fsdp shards parameters on).
     q, p = constrain(from_chunks(q_c, shards), 0), constrain(from_chunks(p_c, shards), 0)
     n = constrain(from_chunks(n_c, shards), 0) if k else None
@@ -126,12 +129,21 @@ def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Bat
     cached = tuple(constrain(to_chunks(g, shards, num_chunks), 1) for g in emb_grads)
 
     # Pass two: re-encode each chunk and back-propagate its cached gradients, summing over chunks.
-    def accumulate(acc, xs):
-        t_r, g = xs
-        _, vjp = jax.vjp(lambda p: embed(p, t_r)[: len(g)], params)
-        (g_params,) = vjp(g)
-        return jax.tree.map(jnp.add, acc, g_params), None
+    def pass_two(replicated, chunks):
+        p0, key0 = replicated
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(accumulate, zeros, ((towers_c, rows_c), cached))
+        def accumulate(acc, xs):
+            t_r, g = xs
+            _, vjp = jax.vjp(lambda p: embed(p, t_r, key0)[: len(g)], p0)
+            (g_params,) = vjp(g)
+            return jax.tree.map(jnp.add, acc, g_params), None
+
+        grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, p0), chunks)
+        return grads
+
+    chunks = ((towers_c, rows_c), cached)
+    if local_sum is None:
+        grads = pass_two((params, key), chunks)
+    else:  # each shard accumulates its rows' contribution; one all-reduce of the gradient per step
+        grads = local_sum(pass_two, (params, key), chunks)
     return loss, metrics, grads

@@ -20,6 +20,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -157,3 +158,29 @@ def row_constraint(mesh: Mesh):
         spec[row_axis] = BATCH_AXES
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
     return constrain
+
+
+def shard_local_sum(mesh: Mesh, strategy: str):
+    """`run(fn, replicated, rows)`: fn on each data shard's own rows, results summed with one psum.
+
+    `rows` leaves are split over the data-parallel devices along axis 1 ([C, rows, ...] chunk stacks),
+    `replicated` is passed whole to every shard. Gradient caching uses it so that the parameter gradient
+    is all-reduced once per step instead of once per encoder call and chunk. Only for replicated
+    parameters without tensor parallelism ("dp" / "zero1", tensor=1); otherwise None.
+    """
+    if strategy == "fsdp" or mesh.shape[TENSOR] != 1:
+        return None
+
+    def run(fn, replicated, rows):
+        def local(rep, r):
+            # Mark the replicated floats as per-shard values, so that differentiating fn against them
+            # yields each shard's own partial gradient (no implicit psum per use); sum once here.
+            rep = jax.tree.map(lambda x: jax.lax.pcast(x, BATCH_AXES, to="varying")
+                               if jnp.issubdtype(x.dtype, jnp.floating) else x, rep)
+            return jax.lax.psum(fn(rep, r), BATCH_AXES)
+
+        in_specs = (jax.tree.map(lambda _: P(), replicated),
+                    jax.tree.map(lambda _: P(None, BATCH_AXES), rows))
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P())(replicated, rows)
+
+    return run

@@ -102,7 +102,7 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
     def step(state: TrainState, batch: dict, key: jax.Array):
         loss, metrics, grads = grad_cache.loss_and_grads(
             encode_fn, loss_fn, state.params, batch, key, num_chunks=loss_cfg.num_chunks, shards=shards,
-            constrain=sharding.row_constraint(mesh))
+            constrain=sharding.row_constraint(mesh), local_sum=sharding.shard_local_sum(mesh, strategy))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
