@@ -71,11 +71,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-_SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-                  "parallel": MeshConfig, "run": RunConfig}
-
-
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file / key."""
 
@@ -137,18 +132,19 @@ def _apply_section(current, cls, values: dict, where: str):
 
 
 def _apply(cfg: TrainConfig, tree: dict, where: str) -> TrainConfig:
+    fields = _field_types(TrainConfig)  # sections are the dataclass-typed fields, the rest are scalars
     top = {}
     for key, value in tree.items():
-        if key in _SECTION_TYPES:
+        if key in STAGES:
+            continue  # stage overlays are applied by load_config
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown section or key {key!r}; known: {sorted(fields) + list(STAGES)}")
+        if dataclasses.is_dataclass(fields[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{key}] must be a table")
-            top[key] = _apply_section(getattr(cfg, key), _SECTION_TYPES[key], value, f"{where}: {key}")
-        elif key in STAGES:
-            continue  # stage overlays are applied by load_config
-        elif key in ("stage", "tokenizer", "init"):
-            top[key] = _coerce(value, str, f"{where}: {key}")
+            top[key] = _apply_section(getattr(cfg, key), fields[key], value, f"{where}: {key}")
         else:
-            raise ConfigError(f"{where}: unknown section or key {key!r}; known: {sorted(SECTIONS) + list(STAGES)}")
+            top[key] = _coerce(value, fields[key], f"{where}: {key}")
     try:
         return dataclasses.replace(cfg, **top)
     except (ValueError, TypeError) as e:

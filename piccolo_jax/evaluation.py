@@ -1,15 +1,6 @@
 """Embedding evaluation on local C-MTEB-style datasets (retrieval, STS, reranking) and an `mteb` adapter.
 
-Local file layouts (UTF-8; JSONL = one JSON object per line, blank lines ignored):
-
-    retrieval task = a directory holding
-        corpus.jsonl    {"_id": "d1", "text": "...", "title": "..."}   (title optional; "id" also accepted)
-        queries.jsonl   {"_id": "q1", "text": "..."}                   ("id" also accepted)
-        qrels           qrels.tsv, qrels/test.tsv or qrels.jsonl: query-id, corpus-id, score
-                        (TSV: three tab-separated columns, optional header line; JSONL keys
-                        "query-id"/"corpus-id"/"score", or "qid"/"pid"/"score" as C-MTEB's qrels sets)
-    STS task       = a .jsonl file of {"sentence1": "...", "sentence2": "...", "score": 4.2}
-    reranking task = a .jsonl file of {"query": "...", "positive": ["..."], "negative": ["...", ...]}
+Dataset layouts and readers: `piccolo_jax.eval_data`.
 
 Metrics (values in [0, 1]; tables print them x 100 as C-MTEB does):
 

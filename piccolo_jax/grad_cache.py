@@ -52,7 +52,6 @@ def from_chunks(y: jax.Array, shards: int) -> jax.Array:
 
 def _towers(batch: Batch) -> tuple[dict, int]:
     """Split the batch into the query tower and the document tower (positives then hard negatives)."""
-    b = batch["query_input_ids"].shape[0]
     k = batch["negative_input_ids"].shape[1] if "negative_input_ids" in batch else 0
     return {"q_ids": batch["query_input_ids"], "q_mask": batch["query_attention_mask"],
             "p_ids": batch["passage_input_ids"], "p_mask": batch["passage_attention_mask"],

@@ -303,3 +303,24 @@ def _progress(total: int, show: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="text", desc="encode")
+
+
+def add_encoder_arguments(parser, *, max_length: bool = True) -> None:
+    """The command-line options every script that encodes shares (model, batching, dtype, placement)."""
+    parser.add_argument("--model", required=True, help="Hugging Face BERT directory or piccolo-jax model directory")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per batch at max length (token budget "
+                        "= batch size x max length); default: 1,024 tokens per CPU device, 16,384 per GPU / TPU")
+    parser.add_argument("--tokens-per-batch", type=int, default=None,
+                        help="padded tokens per batch (instead of --batch-size)")
+    if max_length:
+        parser.add_argument("--max-length", type=int, default=None, help="token limit incl. [CLS]/[SEP] "
+                            "(default: the model's sentence-transformers max_seq_length, else 512)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--strategy", choices=("dp", "fsdp"), default="dp",
+                        help="dp: parameters replicated; fsdp: parameters sharded over the devices (large models)")
+
+
+def encoder_from_args(args) -> Encoder:
+    """`Encoder.load` from the options of `add_encoder_arguments`."""
+    return Encoder.load(args.model, dtype=args.dtype, strategy=args.strategy,
+                        max_length=getattr(args, "max_length", None))

@@ -7,10 +7,8 @@ exactly the computation an uninterrupted run would have done.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
-import os
 import signal
 import sys
 import time
@@ -108,7 +106,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     model_cfg, init_params, init_note = cfg.model, None, "random init"
     if cfg.init:
         model_cfg, init_params, init_note = load_init(cfg.init, cfg.model)
-    cfg = TrainConfig(**{**cfg.__dict__, "model": model_cfg})
+    cfg = dataclasses.replace(cfg, model=model_cfg)
     if is_main:
         save_config(cfg, workdir / "config.json")
 

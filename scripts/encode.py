@@ -13,7 +13,6 @@ complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -21,51 +20,6 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def iter_texts(path: Path, field: str | None, id_field: str | None) -> Iterator[tuple[str, str]]:
-    """(id, text) per non-blank line; JSONL when `field` is given, else plain text."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            if field is None:
-                yield str(lineno), line
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise SystemExit(f"{path}:{lineno}: missing field {field!r}")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise SystemExit(f"{path}:{lineno}: field {field!r} must be a string, got {type(text).__name__}")
-            if id_field is None:
-                yield str(lineno), text
-                continue
-            if id_field not in obj:
-                raise SystemExit(f"{path}:{lineno}: missing id field {id_field!r}")
-            doc_id = obj[id_field]
-            if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-                raise SystemExit(f"{path}:{lineno}: id field {id_field!r} must be a string or integer")
-            doc_id = str(doc_id)
-            if "\n" in doc_id or "\r" in doc_id:
-                raise SystemExit(f"{path}:{lineno}: id {doc_id!r} contains a line break")
-            yield doc_id, text
-
-
-def count_lines(path: Path) -> tuple[int, int]:
-    """(non-blank lines, blank lines) without holding the file."""
-    texts = blank = 0
-    with open(path, encoding="utf-8") as f:  # same reading (and blank test) as iter_texts
-        for line in f:
-            if line.strip():
-                texts += 1
-            else:
-                blank += 1
-    return texts, blank
 
 
 def chunks(items: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:
@@ -105,24 +59,17 @@ def write_embeddings(enc, items, n_texts: int, out_path: Path, ids_path: Path, a
 
 
 def main(argv: list[str] | None = None) -> None:
+    from piccolo_jax.inference import add_encoder_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face BERT directory or piccolo-jax model directory")
+    add_encoder_arguments(p)
     p.add_argument("--input", required=True, type=Path, help="JSONL (with --field) or text file, one text per line")
     p.add_argument("--field", default=None, help="JSONL field holding the text (omit for a plain text file)")
     p.add_argument("--id-field", default=None, help="JSONL field holding the id (default: line numbers)")
     p.add_argument("--output", required=True, type=Path, help="embeddings .npy (ids go to OUTPUT.ids.txt)")
     p.add_argument("--kind", choices=("query", "passage", "none"), default="none",
                    help="instruction prefix: query '查询: ', passage '结果: ', none (default)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch at max length (token budget = "
-                   "batch size x max length); default: 1,024 tokens per CPU device, 16,384 per GPU / TPU")
-    p.add_argument("--tokens-per-batch", type=int, default=None, help="padded tokens per batch (instead of "
-                   "--batch-size)")
-    p.add_argument("--max-length", type=int, default=None, help="token limit incl. [CLS]/[SEP] (default: "
-                   "the model's sentence-transformers max_seq_length, else 512)")
     p.add_argument("--chunk-size", type=int, default=100_000, help="texts read, sorted and encoded at a time")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--strategy", choices=("dp", "fsdp"), default="dp",
-                   help="dp: parameters replicated; fsdp: parameters sharded over the devices (large models)")
     p.add_argument("--no-normalize", action="store_true", help="write raw pooled vectors (no L2 normalisation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -133,12 +80,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.input.is_file():
         p.error(f"{args.input}: no such file")
 
-    from piccolo_jax.inference import Encoder
+    from piccolo_jax.inference import encoder_from_args
+    from piccolo_jax.text_files import count_lines, iter_texts
 
     n_texts, n_blank = count_lines(args.input)
     if n_texts == 0:
         raise SystemExit(f"{args.input}: no texts")
-    enc = Encoder.load(args.model, dtype=args.dtype, strategy=args.strategy, max_length=args.max_length)
+    enc = encoder_from_args(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ids_path = args.output.with_suffix(".ids.txt")
     tmp_out = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
@@ -151,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         written = write_embeddings(enc, iter_texts(args.input, args.field, args.id_field), n_texts, tmp_out, tmp_ids,
                                    args, progress)
+    except ValueError as e:  # a bad input line: path:line and the reason
+        raise SystemExit(str(e)) from None
+    else:
         if written != n_texts:
             raise SystemExit(f"{args.input}: changed while reading ({written} texts, counted {n_texts})")
         os.replace(tmp_out, args.output)

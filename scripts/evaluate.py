@@ -30,31 +30,24 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 
 def main(argv: list[str] | None = None) -> None:
+    from piccolo_jax.inference import add_encoder_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_encoder_arguments(p)
     p.add_argument("tasks", nargs="+", metavar="TASK", help="task directory / .jsonl file, or a folder of them")
-    p.add_argument("--model", required=True, help="Hugging Face BERT directory or piccolo-jax model directory")
     p.add_argument("--output", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--no-instructions", action="store_true", help="no query / passage prefixes")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch at max length (token budget = "
-                   "batch size x max length); default: 1,024 tokens per CPU device, 16,384 per GPU / TPU")
-    p.add_argument("--tokens-per-batch", type=int, default=None, help="padded tokens per batch (instead of "
-                   "--batch-size)")
-    p.add_argument("--max-length", type=int, default=None, help="token limit incl. [CLS]/[SEP] (default: "
-                   "the model's sentence-transformers max_seq_length, else 512)")
     p.add_argument("--top-k", type=int, default=100, help="retrieval depth (recall@100 and map@100 need 100)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--strategy", choices=("dp", "fsdp"), default="dp",
-                   help="dp: parameters replicated; fsdp: parameters sharded over the devices")
     args = p.parse_args(argv)
 
     from piccolo_jax.evaluation import evaluate_path, find_tasks, format_table
-    from piccolo_jax.inference import Encoder
+    from piccolo_jax.inference import encoder_from_args
 
     try:
         paths = find_tasks(args.tasks)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    enc = Encoder.load(args.model, dtype=args.dtype, strategy=args.strategy, max_length=args.max_length)
+    enc = encoder_from_args(args)
     results = {}
     for path in paths:
         start = time.perf_counter()

@@ -45,31 +45,27 @@ def read_records(path: Path) -> list:
 
 
 def read_corpus(path: Path, field: str | None) -> list[str]:
+    """Passages to mine from: one a line, or one JSONL field a line; an empty passage is an error."""
+    from piccolo_jax.text_files import iter_texts
+
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            if field is None:
-                texts.append(line)
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-            value = obj.get(field) if isinstance(obj, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                raise SystemExit(f"{path}:{lineno}: field {field!r} missing, empty or not a string")
-            texts.append(value)
+    try:
+        for line_id, text in iter_texts(path, field):
+            if not text.strip():
+                raise ValueError(f"{path}:{line_id}: field {field!r} is empty")
+            texts.append(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not texts:
         raise SystemExit(f"{path}: no passages")
     return texts
 
 
 def main(argv: list[str] | None = None) -> None:
+    from piccolo_jax.inference import add_encoder_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face BERT directory or piccolo-jax model directory")
+    add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
     p.add_argument("--input", required=True, type=Path, help="training JSONL (uniem or BGE records)")
     p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
     p.add_argument("--corpus", type=Path, default=None, help="passages to mine from (default: the input's)")
@@ -83,12 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--query-max-length", type=int, default=64, help="query token limit (piccolo: 64)")
     p.add_argument("--passage-max-length", type=int, default=None,
                    help="passage token limit (default: the model's max_seq_length, else 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per batch at max length (token budget = "
-                   "batch size x max length); default: 1,024 tokens per CPU device, 16,384 per GPU / TPU")
-    p.add_argument("--tokens-per-batch", type=int, default=None, help="padded tokens per batch (instead of "
-                   "--batch-size)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    p.add_argument("--strategy", choices=("dp", "fsdp"), default="dp", help="parameter placement")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     start, end = args.window
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.corpus_field is not None and args.corpus is None:
         p.error("--corpus-field needs --corpus")
 
-    from piccolo_jax.inference import Encoder
+    from piccolo_jax.inference import encoder_from_args
     from piccolo_jax.mining import mine_negatives, rows_for_output
 
     records = read_records(args.input)
@@ -107,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.format == "uniem" and any(r.prompt for r in records):
         raise SystemExit(f"{args.input}: records carry a 'prompt', which the uniem format cannot hold; "
                          "use --format bge")
-    enc = Encoder.load(args.model, dtype=args.dtype, strategy=args.strategy)
+    enc = encoder_from_args(args)
     try:
         mined, stats = mine_negatives(
             enc, records, corpus, window=(start, end), num_negatives=args.num_negatives, seed=args.seed,

@@ -113,7 +113,6 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
-    import jax
     import jax.numpy as jnp
 
     from piccolo_jax.checkpoint import Checkpointer, abstract_like
