@@ -44,7 +44,7 @@ def load_models(name: str):
     import torch
     import transformers
 
-    from conversion.hf import hf_to_params, load_hf_model, params_to_hf
+    from piccolo_jax.hf import hf_to_params, load_hf_model, params_to_hf
     from piccolo_jax.model_config import ModelConfig
 
     if name == "minilm":

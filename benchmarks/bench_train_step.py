@@ -135,7 +135,7 @@ def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device):
         import torch
         import transformers
 
-        from conversion.hf import hf_to_params
+        from piccolo_jax.hf import hf_to_params
 
         torch.manual_seed(0)
         hf_cfg = transformers.BertConfig(**shape, hidden_act="gelu", hidden_dropout_prob=dropout,

@@ -165,7 +165,7 @@ class Encoder:
                                   shardings)
             _, params = params_io.load_model_dir(path, abstract=target, compute_dtype=dtype)
         elif (path / "config.json").is_file():
-            from conversion.hf import load_hf_model
+            from piccolo_jax.hf import load_hf_model
 
             cfg, params, _ = load_hf_model(path, compute_dtype=dtype)
         else:

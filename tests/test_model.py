@@ -9,7 +9,7 @@ import jax.numpy as jnp
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conversion.hf import hf_to_params, params_to_hf  # noqa: E402
+from piccolo_jax.hf import hf_to_params, params_to_hf  # noqa: E402
 from piccolo_jax.model import abstract_model, encode, init_params  # noqa: E402
 from piccolo_jax.model_config import PICCOLO_BASE_ZH, ModelConfig  # noqa: E402
 

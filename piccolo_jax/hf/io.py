@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from conversion import name_table
+from piccolo_jax.hf import name_table
 from piccolo_jax.model_config import ModelConfig
 from piccolo_jax.params_io import TOKENIZER_FILES, atomic_directory, copy_side_files
 

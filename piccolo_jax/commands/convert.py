@@ -1,0 +1,69 @@
+"""Convert BERT weights between Hugging Face PyTorch format and piccolo-jax model directories.
+
+    python conversion/convert.py hf2jax HF_DIR OUT_DIR     # HF (safetensors or .bin) -> Orbax + config
+    python conversion/convert.py jax2hf OUT_DIR HF_DIR     # ours -> config.json + model.safetensors
+                                                           #   + tokenizer + sentence-transformers files
+
+Output is written to a temporary directory and renamed only when complete; a failure leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+from piccolo_jax.hf import ST_FILES, ConversionError, load_hf_model, write_hf_dir  # noqa: E402
+from piccolo_jax.model import count_params  # noqa: E402
+from piccolo_jax.params_io import copy_side_files, load_model_dir, save_model_dir  # noqa: E402
+
+
+def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
+    cfg, params, report = load_hf_model(hf_dir)
+    keep_st_files = lambda tmp: copy_side_files(Path(hf_dir), tmp, ST_FILES)  # noqa: E731
+    save_model_dir(out_dir, cfg, params, side_files_from=hf_dir, overwrite=overwrite, extra=keep_st_files)
+    print(f"hf2jax: {hf_dir} -> {out_dir}: {count_params(params):,} parameters, "
+          f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, pooling={cfg.pooling}, "
+          f"normalize={cfg.normalize}, pooler={cfg.add_pooler}")
+    if report["ignored_buffers"] or report["ignored_head_tensors"]:
+        print(f"hf2jax: not part of the encoder and not converted: {report['ignored_buffers']} buffer(s) "
+              f"(position_ids), {report['ignored_head_tensors']} pre-training head tensor(s) (cls.*)")
+
+
+def jax2hf(model_dir: str, hf_dir: str, overwrite: bool = False, max_seq_length: int | None = None) -> None:
+    cfg, params = load_model_dir(model_dir)
+    write_hf_dir(hf_dir, cfg, params, side_files_from=model_dir, overwrite=overwrite,
+                 max_seq_length=max_seq_length)
+    print(f"jax2hf: {model_dir} -> {hf_dir}: {count_params(params):,} parameters; "
+          f"loadable with transformers.BertModel and sentence_transformers.SentenceTransformer")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("hf2jax", help="Hugging Face directory -> piccolo-jax model directory")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin")
+    p.add_argument("out_dir", help="new piccolo-jax model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p = sub.add_parser("jax2hf", help="piccolo-jax model directory -> Hugging Face directory")
+    p.add_argument("model_dir", help="piccolo-jax model directory (config.json + params/)")
+    p.add_argument("hf_dir", help="new Hugging Face directory")
+    p.add_argument("--overwrite", action="store_true", help="replace hf_dir if it exists")
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="sentence-transformers max_seq_length when the source has no sentence_bert_config.json")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "hf2jax":
+            hf2jax(args.hf_dir, args.out_dir, args.overwrite)
+        else:
+            jax2hf(args.model_dir, args.hf_dir, args.overwrite, args.max_seq_length)
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"convert.py {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

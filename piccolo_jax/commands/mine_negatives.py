@@ -1,0 +1,126 @@
+"""Mine hard negatives: encode queries and a corpus, search, sample negatives from a rank window.
+
+    python scripts/mine_negatives.py --model MODEL_DIR --input pairs.jsonl --output finetune.jsonl \\
+        --window 10 100 --num-negatives 7
+
+Input: training JSONL in either record format, {"text": q, "text_pos": p} (uniem / piccolo) or
+{"query": q, "pos": [p, ...], "prompt": ...} (BGE); existing negatives are replaced.
+Corpus: --corpus FILE (JSONL with --corpus-field, or one passage per line), else every distinct positive
+and negative of the input. Duplicate passages are searched once.
+Output: {"text": q, "text_pos": p, "text_neg": [n1, ...]} per positive (--format uniem, default) or
+{"query", "pos", "neg", "prompt"?} per record (--format bge). Negatives come from 0-based ranks
+[START, END) of the exact cosine search, never a positive of the query nor the query itself, drawn
+uniformly (seeded per query) and listed in rank order; rows whose window holds too few candidates get
+fewer negatives and are counted. The output file appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+
+def read_records(path: Path) -> list:
+    from piccolo_jax.data.records import BadRecord, parse_line
+
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                records.append(parse_line(raw))
+            except BadRecord as e:
+                raise SystemExit(f"{path}:{lineno}: {e}") from None
+    if not records:
+        raise SystemExit(f"{path}: no records")
+    return records
+
+
+def read_corpus(path: Path, field: str | None) -> list[str]:
+    """Passages to mine from: one a line, or one JSONL field a line; an empty passage is an error."""
+    from piccolo_jax.text_files import iter_texts
+
+    texts = []
+    try:
+        for line_id, text in iter_texts(path, field):
+            if not text.strip():
+                raise ValueError(f"{path}:{line_id}: field {field!r} is empty")
+            texts.append(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not texts:
+        raise SystemExit(f"{path}: no passages")
+    return texts
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
+    from piccolo_jax.inference import add_encoder_arguments
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
+    p.add_argument("--input", required=True, type=Path, help="training JSONL (uniem or BGE records)")
+    p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
+    p.add_argument("--corpus", type=Path, default=None, help="passages to mine from (default: the input's)")
+    p.add_argument("--corpus-field", default=None, help="JSONL field of --corpus (omit for one passage a line)")
+    p.add_argument("--window", type=int, nargs=2, default=(10, 100), metavar=("START", "END"),
+                   help="0-based rank window [START, END) to sample from (default 10 100)")
+    p.add_argument("--num-negatives", type=int, default=7, help="negatives per query (piccolo: 2 to 7)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--format", choices=("uniem", "bge"), default="uniem", help="output record format")
+    p.add_argument("--no-instructions", action="store_true", help="no query / passage prefixes")
+    p.add_argument("--query-max-length", type=int, default=64, help="query token limit (piccolo: 64)")
+    p.add_argument("--passage-max-length", type=int, default=None,
+                   help="passage token limit (default: the model's max_seq_length, else 512)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    start, end = args.window
+    if not 0 <= start < end:
+        p.error(f"--window {start} {end}: need 0 <= START < END")
+    if args.num_negatives < 1:
+        p.error("--num-negatives must be positive")
+    if args.corpus_field is not None and args.corpus is None:
+        p.error("--corpus-field needs --corpus")
+
+    from piccolo_jax.inference import encoder_from_args
+    from piccolo_jax.mining import mine_negatives, rows_for_output
+
+    records = read_records(args.input)
+    corpus = read_corpus(args.corpus, args.corpus_field) if args.corpus is not None else None
+    if args.format == "uniem" and any(r.prompt for r in records):
+        raise SystemExit(f"{args.input}: records carry a 'prompt', which the uniem format cannot hold; "
+                         "use --format bge")
+    enc = encoder_from_args(args)
+    try:
+        mined, stats = mine_negatives(
+            enc, records, corpus, window=(start, end), num_negatives=args.num_negatives, seed=args.seed,
+            instructions=not args.no_instructions, query_max_length=args.query_max_length,
+            passage_max_length=args.passage_max_length, batch_size=args.batch_size,
+            tokens_per_batch=args.tokens_per_batch,
+            show_progress=not args.no_progress)
+        rows = rows_for_output(mined, args.format)
+    except ValueError as e:
+        raise SystemExit(f"mine_negatives: {e}") from None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        os.replace(tmp, args.output)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    stats.rows_written = len(rows)
+    print(f"mine_negatives: {stats.queries} queries, corpus {stats.corpus_size} passages "
+          f"({stats.corpus_duplicates_removed} duplicates merged), window [{start}, {end}), "
+          f"{stats.rows_written} rows -> {args.output}; {stats.rows_short_of_negatives} row(s) got fewer "
+          f"than {args.num_negatives} negatives, {stats.rows_without_negatives} got none")
+
+
+if __name__ == "__main__":
+    main()
