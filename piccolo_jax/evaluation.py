@@ -1,13 +1,14 @@
 """Embedding evaluation on local C-MTEB-style datasets (retrieval, STS, reranking) and an `mteb` adapter.
 
-Dataset layouts and readers: `piccolo_jax.eval_data`.
+Dataset layouts and readers: `piccolo_jax.eval_data`; the mteb adapter: `piccolo_jax.mteb_adapter`.
 
 Metrics (values in [0, 1]; tables print them x 100 as C-MTEB does):
 
-    retrieval  ndcg@10 (linear gain = qrels score, as trec_eval), mrr@10, recall@1/10/100, map@100
-               (AP truncated at rank 100, divided by the number of relevant documents: trec_eval
-               map_cut_100), over the top 100 of an exact cosine search; queries without a relevant
-               document are left out and counted
+    retrieval  ndcg@10 (linear gain = qrels grade), mrr@10, recall@1/10/100, map@100 (trec_eval's
+               map_cut_100), over the top 100 of an exact cosine search ranked as trec_eval ranks
+               (ties by document id, descending); equal to pytrec_eval's and mteb's numbers: every query
+               with a qrels entry counts, one whose grades are all 0 scores 0, and a relevant qrel to a
+               document missing from the corpus still counts in the denominators
     STS        Spearman and Pearson correlation of cosine similarity with the gold score
     reranking  MAP (average precision of the candidate ranking) and mrr@10, per query, averaged;
                samples without a positive or a negative are left out and counted (as MTEB)
@@ -37,6 +38,7 @@ from piccolo_jax.eval_data import (  # noqa: F401  (re-exported)
     read_jsonl,
     read_qrels,
 )
+from piccolo_jax.mteb_adapter import MTEBModel  # noqa: F401  (re-exported)
 
 RETRIEVAL_KS = (1, 10, 100)
 
@@ -46,22 +48,44 @@ class TextEncoder(Protocol):
 
 
 # --------------------------------------------------------------------------------------------- metrics
+def trec_order(doc_ids: Sequence[str], scores: Sequence[float]) -> list[str]:
+    """Doc ids ranked as trec_eval ranks a run: score descending, exact ties by doc id descending.
+
+    (trec_eval sorts on (score, docno) both descending, comparing docnos with strcmp; Python's str
+    order is the same as the order of their UTF-8 bytes.)
+    """
+    return [d for d, _ in sorted(zip(doc_ids, scores), key=lambda x: (x[1], x[0]), reverse=True)]
+
+
 def retrieval_metrics(ranked_ids: Sequence[Sequence[str]], query_ids: Sequence[str],
                       qrels: dict[str, dict[str, float]], ks: Sequence[int] = RETRIEVAL_KS) -> dict[str, float]:
-    """Mean ndcg@10, mrr@10, recall@k and map@max(ks) over the queries that have a relevant document.
+    """Mean ndcg@10, mrr@10, recall@k and map@max(ks), as trec_eval (pytrec_eval) and mteb compute them.
 
-    ranked_ids[i] is the ranked list of corpus ids retrieved for query_ids[i] (best first, at least
-    max(ks) long or the whole corpus). Relevant = qrels score > 0; the gain of NDCG is the score.
+    ranked_ids[i] is the ranking of corpus ids for query_ids[i], best first (see `trec_order`), at
+    least max(ks) long or the whole corpus. Per query q with R = {d: qrels[q][d] > 0} (grade = gain):
+
+        ndcg@10    sum_{r<=10} g(d_r) / log2(r + 1)  /  the same sum over R's grades sorted descending
+        mrr@10     1 / rank of the first d_r in R within the top 10, else 0
+        recall@k   |R in top k| / |R|
+        map@K      sum over hits d_r in R, r <= K, of (hits up to r) / r, divided by |R|  (map_cut_K)
+
+    |R| counts every relevant qrel, also one naming a document the corpus lacks (trec_eval's num_rel).
+    Evaluated queries are those with a qrels entry (as trec_eval); one whose grades are all 0 scores 0
+    everywhere (as trec_eval and mteb; counted in "queries_without_relevant"). Queries without any
+    qrels entry are left out and counted in "queries_without_qrels".
     """
     depth = max(ks)
     sums: dict[str, float] = {"ndcg@10": 0.0, "mrr@10": 0.0, f"map@{depth}": 0.0}
     sums.update({f"recall@{k}": 0.0 for k in ks})
-    evaluated = 0
+    evaluated = without_relevant = 0
     for qid, ranking in zip(query_ids, ranked_ids):
-        rel = {d: s for d, s in qrels.get(qid, {}).items() if s > 0}
-        if not rel:
+        if qid not in qrels:
             continue
         evaluated += 1
+        rel = {d: s for d, s in qrels[qid].items() if s > 0}
+        if not rel:
+            without_relevant += 1
+            continue  # contributes 0 to every mean
         gains = [rel.get(d, 0.0) for d in ranking[:depth]]
         dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:10]))
         ideal = sorted(rel.values(), reverse=True)[:10]
@@ -77,10 +101,11 @@ def retrieval_metrics(ranked_ids: Sequence[Sequence[str]], query_ids: Sequence[s
                 ap += hits / (i + 1)  # precision at this rank
         sums[f"map@{depth}"] += ap / len(rel)
     if not evaluated:
-        raise ValueError("no query has a relevant document (qrels score > 0)")
+        raise ValueError("no query has a qrels entry")
     out = {k: v / evaluated for k, v in sums.items()}
     out["queries_evaluated"] = evaluated
-    out["queries_without_relevant"] = len(query_ids) - evaluated
+    out["queries_without_relevant"] = without_relevant
+    out["queries_without_qrels"] = len(query_ids) - evaluated
     return out
 
 
@@ -149,7 +174,12 @@ def _kinds(instructions: bool) -> tuple[str | None, str | None]:
 
 def evaluate_retrieval(encoder: TextEncoder, task: RetrievalTask, *, instructions: bool = True,
                        top_k: int = 100, mesh=None, **encode_kwargs) -> dict[str, float]:
-    """Encode queries and corpus, take the exact top `top_k` by cosine (sharded search), score with qrels."""
+    """Encode queries and corpus, rank the top `top_k` by cosine (exact sharded search), score with qrels.
+
+    Ranking is trec_eval's (`trec_order`): documents tied with the one at rank `top_k` are all fetched
+    (the search widens until the tie group is complete), then ordered by id, so the cut at `top_k`
+    keeps the same documents trec_eval keeps from a deeper run.
+    """
     from piccolo_jax.mining import top_k_search
 
     if top_k < 10:
@@ -157,9 +187,15 @@ def evaluate_retrieval(encoder: TextEncoder, task: RetrievalTask, *, instruction
     q_kind, p_kind = _kinds(instructions)
     q_qd = _unit(encoder.encode(task.query_texts, kind=q_kind, **encode_kwargs))
     c_cd = _unit(encoder.encode(task.corpus_texts, kind=p_kind, **encode_kwargs))
-    k = min(top_k, len(task.corpus_ids))
-    _, idx_qk = top_k_search(q_qd, c_cd, k, mesh=mesh)
-    ranked = [[task.corpus_ids[j] for j in row] for row in idx_qk]
+    n, depth = len(task.corpus_ids), min(top_k, len(task.corpus_ids))
+    k = min(n, depth + 16)
+    while True:
+        scores_qk, idx_qk = top_k_search(q_qd, c_cd, k, mesh=mesh)
+        if k == n or np.all(scores_qk[:, k - 1] < scores_qk[:, depth - 1]):
+            break  # every document tied with rank `depth` is among the k fetched
+        k = min(n, 2 * k)
+    ranked = [trec_order([task.corpus_ids[j] for j in row], s_k.tolist())[:depth]
+              for row, s_k in zip(idx_qk, scores_qk)]
     known = set(task.corpus_ids)
     out = retrieval_metrics(ranked, task.query_ids, task.qrels, ks=tuple(x for x in RETRIEVAL_KS if x <= top_k))
     out["qrels_unknown_corpus_ids"] = sum(d not in known for r in task.qrels.values() for d in r)
@@ -189,16 +225,29 @@ def evaluate_reranking(encoder: TextEncoder, task: RerankingTask, *, instruction
     return reranking_metrics(scores, labels)
 
 
+def load_task(path: str | os.PathLike) -> tuple[str, RetrievalTask | STSTask | RerankingTask]:
+    """(task type, task) of the task at `path`; bad files raise ValueError naming the file and line."""
+    kind = detect_task(path)
+    loader = {"retrieval": load_retrieval, "sts": load_sts, "reranking": load_reranking}[kind]
+    return kind, loader(path)
+
+
+def evaluate_task(encoder: TextEncoder, kind: str, task, *, instructions: bool = True, top_k: int = 100,
+                  mesh=None, **encode_kwargs) -> dict[str, float]:
+    """Metrics of a loaded task (`load_task`)."""
+    if kind == "retrieval":
+        return evaluate_retrieval(encoder, task, instructions=instructions, top_k=top_k, mesh=mesh, **encode_kwargs)
+    if kind == "sts":
+        return evaluate_sts(encoder, task, **encode_kwargs)
+    return evaluate_reranking(encoder, task, instructions=instructions, **encode_kwargs)
+
+
 def evaluate_path(encoder: TextEncoder, path: str | os.PathLike, *, instructions: bool = True,
                   top_k: int = 100, mesh=None, **encode_kwargs) -> tuple[str, dict[str, float]]:
     """(task type, metrics) of the task at `path` (see the module docstring for the layouts)."""
-    kind = detect_task(path)
-    if kind == "retrieval":
-        return kind, evaluate_retrieval(encoder, load_retrieval(path), instructions=instructions, top_k=top_k,
-                                        mesh=mesh, **encode_kwargs)
-    if kind == "sts":
-        return kind, evaluate_sts(encoder, load_sts(path), **encode_kwargs)
-    return kind, evaluate_reranking(encoder, load_reranking(path), instructions=instructions, **encode_kwargs)
+    kind, task = load_task(path)
+    return kind, evaluate_task(encoder, kind, task, instructions=instructions, top_k=top_k, mesh=mesh,
+                               **encode_kwargs)
 
 
 MAIN_METRIC = {"retrieval": "ndcg@10", "sts": "cos_spearman", "reranking": "map"}
@@ -219,92 +268,3 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{name:<{width}}" + "".join(f"{100 * r['metrics'][m]:>14.2f}" for m in metrics))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-
-# ------------------------------------------------------------------------------------------ mteb adapter
-class MTEBModel:
-    """Wraps an `Encoder` in the encoder interface of the `mteb` package (C-MTEB tasks).
-
-    Accepts both calling conventions mteb has used:
-      * mteb 2: `encode(DataLoader of {"text": [...]}, *, task_metadata, hf_split, hf_subset, prompt_type)`
-      * mteb 1.x: `encode(list_of_str, *, task_name, prompt_type)`
-    and the older C-MTEB / BEIR retrieval hooks `encode_queries(list)` / `encode_corpus(list of
-    {"title", "text"} or dict of lists)`. prompt_type "query" gets piccolo's query prefix, "document" /
-    "passage" the passage prefix, None (STS, classification, clustering ...) no prefix.
-    Returns float32 numpy [N, D], rows in input order.
-
-        import mteb
-        model = MTEBModel(Encoder.load("piccolo-base-zh"))
-        tasks = mteb.get_tasks(tasks=["T2Retrieval", "AFQMC"])   # or a C-MTEB benchmark's task list
-        mteb.MTEB(tasks=tasks).run(model)                         # mteb 1.x; mteb 2: mteb.evaluate(model, tasks)
-    """
-
-    def __init__(self, encoder: TextEncoder, *, instructions: bool = True, batch_size: int | None = None,
-                 **encode_kwargs):
-        self.encoder, self.instructions = encoder, instructions
-        self.encode_kwargs = dict(encode_kwargs)
-        if batch_size is not None:
-            self.encode_kwargs["batch_size"] = batch_size
-
-    def _encode(self, texts: list[str], kind: str | None) -> np.ndarray:
-        return np.asarray(self.encoder.encode(texts, kind=kind if self.instructions else None,
-                                              **self.encode_kwargs), dtype=np.float32)
-
-    def encode(self, inputs: Any, *, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
-        """Embeddings [N, D] of a sequence of strings or of an iterable of {"text": [...]} batches."""
-        return self._encode(_texts_of(inputs), _kind_of(prompt_type))
-
-    def encode_queries(self, queries: Sequence[str], **kwargs: Any) -> np.ndarray:
-        return self._encode(_texts_of(queries), "query")
-
-    def encode_corpus(self, corpus: Any, **kwargs: Any) -> np.ndarray:
-        if isinstance(corpus, dict):  # {"title": [...], "text": [...]}
-            titles = corpus.get("title") or [""] * len(corpus["text"])
-            docs = [{"title": t, "text": x} for t, x in zip(titles, corpus["text"])]
-        else:
-            docs = list(corpus)
-        texts = [d if isinstance(d, str) else (f"{d.get('title')} {d['text']}".strip() if d.get("title")
-                                               else d["text"]) for d in docs]
-        return self._encode(texts, "passage")
-
-    @staticmethod
-    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity matrix [N, M]."""
-        return _unit(np.atleast_2d(a)) @ _unit(np.atleast_2d(b)).T
-
-    @staticmethod
-    def similarity_pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity of row i of `a` with row i of `b`: [N]."""
-        return np.sum(_unit(np.atleast_2d(a)) * _unit(np.atleast_2d(b)), axis=-1)
-
-
-def _kind_of(prompt_type: Any) -> str | None:
-    value = getattr(prompt_type, "value", prompt_type)
-    if value is None:
-        return None
-    if value == "query":
-        return "query"
-    if value in ("document", "passage"):
-        return "passage"
-    raise ValueError(f"prompt_type={prompt_type!r}; expected query, document / passage or None")
-
-
-def _texts_of(inputs: Any) -> list[str]:
-    if isinstance(inputs, str):
-        return [inputs]
-    if isinstance(inputs, np.ndarray):
-        inputs = inputs.tolist()
-    if isinstance(inputs, (list, tuple)) and all(isinstance(t, str) for t in inputs):
-        return list(inputs)
-    texts: list[str] = []
-    for i, batch in enumerate(inputs):  # mteb 2: a DataLoader of {"text": [...], ...} batches
-        if not isinstance(batch, dict) or "text" not in batch:
-            raise TypeError(f"inputs: item {i} is a {type(batch).__name__}; expected str or a batch dict "
-                            "with a 'text' list")
-        batch_texts = batch["text"]
-        batch_texts = [batch_texts] if isinstance(batch_texts, str) else list(batch_texts)
-        for j, t in enumerate(batch_texts):
-            if not isinstance(t, str):
-                raise TypeError(f"inputs: batch {i} text[{j}] is a {type(t).__name__}, expected str")
-        texts.extend(batch_texts)
-    return texts

@@ -146,7 +146,8 @@ class Encoder:
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str = "float32", strategy: str = "dp", mesh=None,
              max_length: int | None = None, tokens_per_batch: int | None = None) -> Encoder:
-        """Load a Hugging Face BERT directory or a piccolo-jax model directory.
+        """Load a Hugging Face BERT directory, a piccolo-jax model directory, or a training run directory
+        (its export/model, as `--init` takes it).
 
         dtype: "float32" or "bfloat16" compute (parameters stay float32; embeddings are float32).
         strategy: "dp" replicates parameters on every device; "fsdp" shards them (large models).
@@ -156,6 +157,13 @@ class Encoder:
         from piccolo_jax import params_io
 
         path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such model directory")
+        if (path / "export" / "model").is_dir():  # a run directory: its exported model
+            path = path / "export" / "model"
+        elif any((path / name).exists() for name in ("checkpoints", "train.log", "metrics.jsonl")):
+            raise FileNotFoundError(f"{path}: a training run directory without an export (no export/model: the "
+                                    "run has not finished; rerun its train command to finish and export it)")
         if params_io.is_model_dir(path):
             cfg = ModelConfig.from_json_file(path / "config.json", compute_dtype=dtype)
             mesh = default_mesh(strategy) if mesh is None else mesh
@@ -169,8 +177,9 @@ class Encoder:
 
             cfg, params, _ = load_hf_model(path, compute_dtype=dtype)
         else:
-            raise FileNotFoundError(f"{path}: neither a piccolo-jax model directory (config.json + params/) "
-                                    "nor a Hugging Face directory (config.json + weights)")
+            raise FileNotFoundError(f"{path}: neither a piccolo-jax model directory (config.json + params/), "
+                                    "a Hugging Face directory (config.json + weights) nor a run directory "
+                                    "(export/model)")
         return cls(cfg, params, Tokenizer.from_dir(path), mesh=mesh, strategy=strategy,
                    max_length=max_length or _st_max_seq_length(path), tokens_per_batch=tokens_per_batch)
 
@@ -206,7 +215,7 @@ class Encoder:
         return self.embed_fn(normalize)(self.params, input_ids_bt, attention_mask_bt)
 
     def encode(self, texts: str | Sequence[str], kind: str | None = None, *, batch_size: int | None = None,
-               max_length: int | None = None, normalize: bool = True, show_progress: bool = False,
+               max_length: int | None = None, normalize: bool = True, show_progress: bool | str = False,
                tokens_per_batch: int | None = None) -> np.ndarray:
         """Embed `texts`: float32 numpy [N, D] in input order ([D] for a single string).
 
@@ -216,6 +225,7 @@ class Encoder:
             None): 1,024 tokens per batch shard on CPU, 16,384 on GPU / TPU.
         tokens_per_batch: the padded-token budget of one (global) batch, instead of `batch_size`.
         normalize: L2-normalise (False returns the raw pooled vector even if the model normalises).
+        show_progress: a progress bar; a string labels it (e.g. "encode corpus").
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
@@ -297,12 +307,13 @@ class _NoProgress:
         pass
 
 
-def _progress(total: int, show: bool):
+def _progress(total: int, show: bool | str):
+    """A tqdm bar over `total` texts when `show` is truthy, labelled `show` when it is a string."""
     if not show:
         return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="text", desc="encode")
+    return tqdm(total=total, unit="text", desc=show if isinstance(show, str) else "encode")
 
 
 def add_encoder_arguments(parser, *, max_length: bool = True) -> None:

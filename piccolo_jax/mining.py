@@ -174,8 +174,9 @@ def mine_negatives(encoder: Any, records: Sequence[Any], corpus_texts: Sequence[
     The corpus defaults to every distinct positive and negative of `records`. Queries are encoded with
     the record's prompt or piccolo's "查询: " prefix, passages with "结果: " (no prefixes when
     `instructions` is False). Excluded from a record's negatives: the query text itself and every
-    positive of every record with the same query text. Returns [(record, negative texts)] in input
-    order, and statistics.
+    positive of every record with the same query text. With `show_progress` the two passes show bars
+    labelled "encode queries" and "encode corpus". Returns [(record, negative texts)] in input order, and
+    statistics.
     """
     stats = MiningStats(queries=len(records))
     if corpus_texts is None:
@@ -186,10 +187,11 @@ def mine_negatives(encoder: Any, records: Sequence[Any], corpus_texts: Sequence[
         raise ValueError(f"window end {window[1]} exceeds the corpus size {len(corpus)}")
     position = {t: i for i, t in enumerate(corpus)}
     q_texts = [((r.prompt or QUERY_PREFIX) if instructions else "") + r.query for r in records]
-    common = {"batch_size": batch_size, "tokens_per_batch": tokens_per_batch, "show_progress": show_progress}
-    q_qd = encoder.encode(q_texts, kind=None, max_length=query_max_length, **common)
+    common = {"batch_size": batch_size, "tokens_per_batch": tokens_per_batch}
+    q_qd = encoder.encode(q_texts, kind=None, max_length=query_max_length,
+                          show_progress=show_progress and "encode queries", **common)
     c_cd = encoder.encode(corpus, kind="passage" if instructions else None, max_length=passage_max_length,
-                          **common)
+                          show_progress=show_progress and "encode corpus", **common)
     _, ranked_qk = top_k_search(q_qd, c_cd, window[1], mesh=mesh)
     positives_of: dict[str, set[str]] = {}  # every positive of a query text, over all its records
     for r in records:

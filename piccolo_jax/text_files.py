@@ -1,4 +1,8 @@
-"""Reading texts to embed: a plain text file (one text a line) or JSONL (one field a line)."""
+"""Reading texts to embed: a plain text file (one text a line) or JSONL (one field a line).
+
+A `.jsonl` file (any case) is always read as JSONL: `check_text_input` refuses one without a field and
+lists the fields of its first record, so raw JSON lines are never embedded by mistake.
+"""
 
 from __future__ import annotations
 
@@ -46,10 +50,40 @@ def iter_texts(path: Path, field: str | None, id_field: str | None = None) -> It
 def count_lines(path: Path) -> tuple[int, int]:
     """(non-blank lines, blank lines) without holding the file; the same blank test as `iter_texts`."""
     texts = blank = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if line.strip():
                 texts += 1
             else:
                 blank += 1
     return texts, blank
+
+
+def first_record_fields(path: Path) -> tuple[int, list[str]]:
+    """(line number, sorted keys) of the first non-blank line of a JSONL file; ValueError("path:line: ...")."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            return lineno, sorted(obj)
+    raise ValueError(f"{path}: empty file")
+
+
+def check_text_input(path: Path, field: str | None, option: str = "--field") -> None:
+    """Refuse what `iter_texts` would misread: a missing file, or a .jsonl file without a field."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if field is None and path.suffix.lower() == ".jsonl":
+        lineno, keys = first_record_fields(path)
+        raise ValueError(f"{path}: a JSONL file needs {option} naming the text field; its first record (line "
+                         f"{lineno}) has the fields {', '.join(keys) if keys else '(none)'}")

@@ -1,6 +1,6 @@
-"""Evaluation metrics against hand-computed values and scipy / sklearn; file layouts; mteb adapter; CLI."""
+"""Evaluation metrics against hand-computed values, pytrec_eval (trec_eval), scipy and sklearn; file layouts;
+CLI. The mteb adapter is tested against the real mteb package in test_mteb.py."""
 
-import enum
 import json
 import math
 import os
@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piccolo_jax.evaluation import (MTEBModel, average_ranks, evaluate_path, find_tasks, format_table,
+from piccolo_jax.eval_data import RetrievalTask
+from piccolo_jax.evaluation import (average_ranks, evaluate_path, evaluate_retrieval, find_tasks, format_table,
                                     load_retrieval, read_qrels, reranking_metrics, retrieval_metrics, spearman,
-                                    sts_metrics)
+                                    sts_metrics, trec_order)
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "eval"
@@ -42,18 +43,99 @@ def test_retrieval_metrics_hand_computed():
         ["x", "b", "y", "a"] + filler,  # relevant b (gain 2) at rank 2, a (gain 1) at rank 4
         ["c"] + filler,  # hit at rank 1
         filler[:11] + ["d"] + filler[11:],  # hit at rank 12: outside @10, inside @100
-        ["a"] + filler,  # q4 has no relevant document (score 0): left out
+        ["a"] + filler,  # q4 is judged but has no relevant document (grade 0): kept, scores 0
+        ["a"] + filler,  # q5 has no qrels entry: left out
     ]
-    got = retrieval_metrics(ranked, ["q1", "q2", "q3", "q4"], qrels)
+    got = retrieval_metrics(ranked, ["q1", "q2", "q3", "q4", "q5"], qrels)
     ndcg_q1 = (2 / _log2(3) + 1 / _log2(5)) / (2 / _log2(2) + 1 / _log2(3))
-    assert got["ndcg@10"] == pytest.approx((ndcg_q1 + 1 + 0) / 3, abs=1e-12)
-    assert got["mrr@10"] == pytest.approx((1 / 2 + 1 + 0) / 3, abs=1e-12)
-    assert got["recall@1"] == pytest.approx((0 + 1 + 0) / 3)
-    assert got["recall@10"] == pytest.approx((1 + 1 + 0) / 3)
-    assert got["recall@100"] == pytest.approx(1.0)
-    # AP: q1 = (1/2 + 2/4) / 2; q2 = 1; q3 = (1/12) / 1
-    assert got["map@100"] == pytest.approx(((1 / 2 + 2 / 4) / 2 + 1 + 1 / 12) / 3, abs=1e-12)
-    assert got["queries_evaluated"] == 3 and got["queries_without_relevant"] == 1
+    assert got["ndcg@10"] == pytest.approx((ndcg_q1 + 1 + 0 + 0) / 4, abs=1e-12)
+    assert got["mrr@10"] == pytest.approx((1 / 2 + 1 + 0 + 0) / 4, abs=1e-12)
+    assert got["recall@1"] == pytest.approx((0 + 1 + 0 + 0) / 4)
+    assert got["recall@10"] == pytest.approx((1 + 1 + 0 + 0) / 4)
+    assert got["recall@100"] == pytest.approx(3 / 4)
+    # AP: q1 = (1/2 + 2/4) / 2; q2 = 1; q3 = (1/12) / 1; q4 = 0
+    assert got["map@100"] == pytest.approx(((1 / 2 + 2 / 4) / 2 + 1 + 1 / 12) / 4, abs=1e-12)
+    assert (got["queries_evaluated"], got["queries_without_relevant"], got["queries_without_qrels"]) == (4, 1, 1)
+
+
+def test_trec_order_breaks_ties_by_id_descending():
+    # exact ties by doc id, descending, as strings ("d9" > "d10"), whatever the input order
+    assert trec_order(["d10", "d9", "a", "b"], [0.5, 0.5, 0.7, 0.5]) == ["a", "d9", "d10", "b"]
+
+
+def _pytrec_means(qrels, run, ks=(1, 10, 100)):
+    """pytrec_eval's per-measure means over the queries it evaluates; mrr@10 as recip_rank of the top 10."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    measures = {"ndcg_cut.10", "recall." + ",".join(map(str, ks)), f"map_cut.{max(ks)}"}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    top10 = {q: {d: run[q][d] for d in trec_order(list(run[q]), list(run[q].values()))[:10]} for q in run}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    n = len(per_query)
+    out = {"ndcg@10": sum(v["ndcg_cut_10"] for v in per_query.values()) / n,
+           "mrr@10": sum(v["recip_rank"] for v in rr.values()) / n,
+           f"map@{max(ks)}": sum(v[f"map_cut_{max(ks)}"] for v in per_query.values()) / n}
+    out.update({f"recall@{k}": sum(v[f"recall_{k}"] for v in per_query.values()) / n for k in ks})
+    return out, n
+
+
+def _int_qrels(qrels):
+    return {q: {d: int(s) for d, s in r.items()} for q, r in qrels.items()}
+
+
+def test_retrieval_metrics_equal_pytrec_eval():
+    rng = np.random.default_rng(7)
+    docs = [f"d{i}" for i in rng.permutation(150)]  # ids in no particular order; "d9" > "d10" as strings
+    query_ids = [f"q{i}" for i in range(40)]
+    run, qrels = {}, {}
+    for i, q in enumerate(query_ids):
+        scores = np.round(rng.uniform(size=len(docs)), 1)  # 11 distinct values: many exact ties
+        run[q] = {d: float(s) for d, s in zip(docs, scores)}
+        if i == 0:
+            qrels[q] = {docs[3]: 0, docs[7]: 0}  # judged, nothing relevant
+        elif i == 1:
+            continue  # no qrels: trec_eval and we leave it out
+        else:
+            picked = rng.choice(len(docs), size=rng.integers(1, 8), replace=False)
+            qrels[q] = {docs[j]: int(rng.integers(0, 4)) for j in picked}  # graded 0..3
+            if i % 5 == 0:
+                qrels[q]["not-in-corpus"] = 2  # relevant, never retrieved: counts in the denominators
+    ranked = [trec_order(list(run[q]), list(run[q].values())) for q in query_ids]
+    got = retrieval_metrics(ranked, query_ids, qrels)
+    ref, n = _pytrec_means(_int_qrels(qrels), run)
+    assert got["queries_evaluated"] == n == 39 and got["queries_without_qrels"] == 1
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_evaluate_retrieval_ties_across_the_cut_equal_pytrec_eval():
+    """30 identical documents per score level: the level at ranks 90..119 straddles the top-100 cut, so
+    which of its documents make the cut is decided by id (trec_eval), not by corpus order."""
+    rng = np.random.default_rng(3)
+    n_docs, levels = 300, 10
+    angles = np.arange(levels) * 0.1  # level g scores cos(0.1 g) against query e0: well separated
+    group = (np.arange(n_docs) * 7) % levels
+    ids = [f"p{i}" for i in rng.permutation(n_docs)]
+    table = {f"doc text {i}": np.array([np.cos(angles[g]), np.sin(angles[g]), 0, 0]) for i, g in enumerate(group)}
+    table.update({"query a": np.array([1.0, 0, 0, 0]), "query b": np.array([0.6, 0.8, 0, 0]),
+                  "query c": np.array([0.0, 0, 1, 0])})  # c: every document scores 0, one big tie
+    task = RetrievalTask("ties", ids, [f"doc text {i}" for i in range(n_docs)], ["qa", "qb", "qc"],
+                         ["query a", "query b", "query c"], {})
+    level3 = [ids[i] for i in np.flatnonzero(group == 3)]
+    task.qrels = {"qa": {d: 1 for d in level3[::3]} | {ids[0]: 2, "missing": 1},
+                  "qb": {d: 2 for d in level3[1::4]}, "qc": {level3[0]: 1, level3[5]: 0}}
+    got = evaluate_retrieval(FakeEncoder(table, 4), task, instructions=False)
+    c_cd = np.stack([table[t] for t in task.corpus_texts]).astype(np.float32)
+    run = {}
+    for qid, text in zip(task.query_ids, task.query_texts):
+        s = c_cd @ table[text].astype(np.float32)
+        run[qid] = {d: float(v) for d, v in zip(ids, s)}
+    ref, n = _pytrec_means(_int_qrels(task.qrels), run)
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    assert got["qrels_unknown_corpus_ids"] == 1
+    # corpus order would rank other level-3 documents into the top 100: the cut really matters here
+    by_corpus = [ids[i] for i in np.argsort(-(c_cd @ np.array([1, 0, 0, 0], np.float32)), kind="stable")]
+    assert set(by_corpus[:100]) != set(trec_order(list(run["qa"]), list(run["qa"].values()))[:100])
 
 
 def test_retrieval_metrics_partial_recall():
@@ -187,56 +269,6 @@ def test_evaluate_reranking_file(tmp_path):
     assert kind == "reranking"
     assert got["map"] == pytest.approx((1 + 1 / 2) / 2)  # second sample: its positive ranks 2nd
     assert [c[0] for c in enc.calls] == ["query", "passage"]
-
-
-# ----------------------------------------------------------------------------------------- mteb adapter
-class PromptType(str, enum.Enum):  # the shape of mteb's enum (values "query" / "document")
-    query = "query"
-    document = "document"
-
-
-def _hash_encoder() -> FakeEncoder:
-    class Hashing(FakeEncoder):
-        def encode(self, texts, kind=None, **kwargs):
-            self.calls.append((kind, list(texts)))
-            return np.array([[len(t), sum(map(ord, t)) % 97, i] for i, t in enumerate(texts)], np.float32)
-
-    return Hashing({}, 3)
-
-
-def test_mteb_adapter_shapes_order_and_prompts():
-    enc = _hash_encoder()
-    model = MTEBModel(enc, batch_size=4)
-    texts = ["甲", "乙乙", "丙丙丙", "丁", "戊戊"]
-    # mteb 1.x: a list of strings + task_name + prompt_type
-    out = model.encode(texts, task_name="T2Retrieval", prompt_type=PromptType.query)
-    assert out.shape == (5, 3) and out.dtype == np.float32
-    assert out[:, 0].tolist() == [1, 2, 3, 1, 2] and out[:, 2].tolist() == [0, 1, 2, 3, 4]
-    assert enc.calls[-1] == ("query", texts)
-    # mteb 2: a DataLoader of {"text": [...]} batches, order kept across batches
-    batches = [{"text": texts[:2], "id": ["a", "b"]}, {"text": texts[2:]}]
-    out2 = model.encode(batches, task_metadata=None, hf_split="test", hf_subset="default",
-                        prompt_type=PromptType.document)
-    np.testing.assert_array_equal(out2, out)
-    assert enc.calls[-1] == ("passage", texts)
-    model.encode(texts, task_name="ATEC")  # STS-like task: no prompt type, no prefix
-    assert enc.calls[-1][0] is None
-    # old C-MTEB / BEIR hooks
-    model.encode_queries(texts)
-    assert enc.calls[-1] == ("query", texts)
-    model.encode_corpus([{"title": "标题", "text": "正文"}, {"text": "只有正文"}])
-    assert enc.calls[-1] == ("passage", ["标题 正文", "只有正文"])
-    model.encode_corpus({"title": ["", "t"], "text": ["a", "b"]})
-    assert enc.calls[-1] == ("passage", ["a", "t b"])
-    a = np.array([[3.0, 4.0], [1.0, 0.0]])
-    np.testing.assert_allclose(model.similarity(a, a), [[1.0, 0.6], [0.6, 1.0]])
-    np.testing.assert_allclose(model.similarity_pairwise(a, a[::-1]), [0.6, 0.6])
-    with pytest.raises(TypeError, match="item 0"):
-        model.encode([1, 2])
-    with pytest.raises(ValueError, match="prompt_type"):
-        model.encode(texts, prompt_type="title")
-    assert MTEBModel(enc, instructions=False).encode(texts, prompt_type=PromptType.query) is not None
-    assert enc.calls[-1][0] is None
 
 
 # ------------------------------------------------------------------------------------ sample set and CLI

@@ -6,18 +6,16 @@
 Writes OUTPUT (float32 [N, D], a NumPy .npy memory map filled chunk by chunk, so the corpus never has to fit
 in memory) and OUTPUT with suffix .ids.txt (one id per line, row i of the matrix = line i): the
 --id-field value for JSONL, else the 1-based line number of the text in the input file. Blank lines are
-skipped (they keep their line numbers, so ids stay exact) and counted. Both files appear only when
-complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by the encoder.
+skipped (they keep their line numbers, so ids stay exact) and counted. A .jsonl input needs --field
+(refused otherwise, listing the fields of its first record); every line is checked before the model
+loads. Both files appear only when complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by the encoder.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-
 
 
 def chunks(items: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:
@@ -44,7 +42,7 @@ def write_embeddings(enc, items, n_texts: int, out_path: Path, ids_path: Path, a
     with open(ids_path, "w", encoding="utf-8") as ids_file:
         for ids, texts in chunks(items, args.chunk_size):
             if written + len(texts) > n_texts:
-                raise SystemExit(f"{args.input}: changed while reading (more than {n_texts} texts)")
+                raise ValueError(f"{args.input}: changed while reading (more than {n_texts} texts)")
             out[written:written + len(texts)] = enc.encode(texts, kind=kind, batch_size=args.batch_size,
                                                            tokens_per_batch=args.tokens_per_batch,
                                                            normalize=not args.no_normalize)
@@ -56,13 +54,15 @@ def write_embeddings(enc, items, n_texts: int, out_path: Path, ids_path: Path, a
     return written
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from piccolo_jax.commands.errors import Parser, run_guarded
     from piccolo_jax.inference import add_encoder_arguments
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
     p.add_argument("--input", required=True, type=Path, help="JSONL (with --field) or text file, one text per line")
-    p.add_argument("--field", default=None, help="JSONL field holding the text (omit for a plain text file)")
+    p.add_argument("--field", default=None, help="JSONL field holding the text (required for .jsonl; omit for a "
+                   "plain text file)")
     p.add_argument("--id-field", default=None, help="JSONL field holding the id (default: line numbers)")
     p.add_argument("--output", required=True, type=Path, help="embeddings .npy (ids go to OUTPUT.ids.txt)")
     p.add_argument("--kind", choices=("query", "passage", "none"), default="none",
@@ -75,15 +75,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
         p.error("--id-field needs --field (a JSONL input)")
     if args.chunk_size < 1:
         p.error("--chunk-size must be positive")
-    if not args.input.is_file():
-        p.error(f"{args.input}: no such file")
+    return run_guarded(p.prog, lambda: run(args))
 
+
+def run(args) -> int:
+    from piccolo_jax.commands.errors import InputError
     from piccolo_jax.inference import encoder_from_args
-    from piccolo_jax.text_files import count_lines, iter_texts
+    from piccolo_jax.text_files import check_text_input, count_lines, iter_texts
 
+    check_text_input(args.input, args.field)
     n_texts, n_blank = count_lines(args.input)
     if n_texts == 0:
-        raise SystemExit(f"{args.input}: no texts")
+        raise InputError(f"{args.input}: no texts (the file is empty or blank)")
+    if args.field is not None:  # every record is checked before the model loads, not hours into encoding
+        for _ in iter_texts(args.input, args.field, args.id_field):
+            pass
     enc = encoder_from_args(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ids_path = args.output.with_suffix(".ids.txt")
@@ -93,15 +99,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=n_texts, unit="text", desc="encode")
+        progress = tqdm(total=n_texts, unit="text", desc=f"encode {args.input.name}")
     try:
         written = write_embeddings(enc, iter_texts(args.input, args.field, args.id_field), n_texts, tmp_out, tmp_ids,
                                    args, progress)
-    except ValueError as e:  # a bad input line: path:line and the reason
-        raise SystemExit(str(e)) from None
-    else:
         if written != n_texts:
-            raise SystemExit(f"{args.input}: changed while reading ({written} texts, counted {n_texts})")
+            raise InputError(f"{args.input}: changed while reading ({written} texts, counted {n_texts})")
         os.replace(tmp_out, args.output)
         os.replace(tmp_ids, ids_path)
     finally:
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
             progress.close()
     skipped = f"; {n_blank} blank line(s) skipped" if n_blank else ""
     print(f"encode: {n_texts} texts -> {args.output} [{n_texts}, {enc.dim}] float32 and {ids_path}{skipped}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

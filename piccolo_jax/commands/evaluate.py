@@ -1,6 +1,10 @@
 """Evaluate an embedding model on local C-MTEB-style tasks: prints a table (x 100) and writes JSON.
 
     python scripts/evaluate.py --model MODEL_DIR assets/eval --output results.json
+    piccolo-jax evaluate --model RUN_DIR --mteb-tasks T2Retrieval,AFQMC   # mteb's tasks, data in the HF cache
+
+MODEL_DIR is a Hugging Face directory, a piccolo-jax model directory, or a training run directory (its
+export/model).
 
 Each TASK argument is a task, or a directory whose entries (one level down) are tasks:
 
@@ -13,57 +17,112 @@ Each TASK argument is a task, or a directory whose entries (one level down) are 
 
 Queries are encoded with piccolo's "查询: " prefix and passages with "结果: " (retrieval and reranking);
 --no-instructions turns the prefixes off (for models trained without them). To reproduce the published
-C-MTEB table, export each C-MTEB dataset into these layouts, or run the `mteb` package with
-`piccolo_jax.evaluation.MTEBModel(Encoder.load(MODEL_DIR))` as the model.
+C-MTEB table, run the C-MTEB tasks with --mteb-tasks (the `mteb` package; each task's data must be in
+the Hugging Face datasets cache, e.g. downloaded once online), or export each dataset into these layouts.
+Retrieval numbers equal trec_eval's (pytrec_eval, as mteb uses it) on the same ranking.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
+from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.inference import add_encoder_arguments
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
-    p.add_argument("tasks", nargs="+", metavar="TASK", help="task directory / .jsonl file, or a folder of them")
+    p.add_argument("tasks", nargs="*", metavar="TASK", help="task directory / .jsonl file, or a folder of them")
+    p.add_argument("--mteb-tasks", default=None, metavar="NAME[,NAME...]",
+                   help="also run these mteb tasks (e.g. T2Retrieval,AFQMC) with the mteb package, on data in the "
+                        "Hugging Face datasets cache (HF_HOME); offline when HF_HUB_OFFLINE=1")
     p.add_argument("--output", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--no-instructions", action="store_true", help="no query / passage prefixes")
     p.add_argument("--top-k", type=int, default=100, help="retrieval depth (recall@100 and map@100 need 100)")
     args = p.parse_args(argv)
+    names = [n.strip() for n in (args.mteb_tasks or "").split(",") if n.strip()]
+    if not args.tasks and not names:
+        p.error("nothing to evaluate: give TASK paths and/or --mteb-tasks NAMES")
+    if args.top_k < 10:
+        p.error(f"--top-k {args.top_k}: ndcg@10 and mrr@10 need at least 10")
+    return run_guarded(p.prog, lambda: run(args, names))
 
-    from piccolo_jax.evaluation import evaluate_path, find_tasks, format_table
+
+def run(args, mteb_names: list[str]) -> int:
+    from piccolo_jax.evaluation import evaluate_task, find_tasks, format_table, load_task
     from piccolo_jax.inference import encoder_from_args
 
-    try:
-        paths = find_tasks(args.tasks)
-    except (FileNotFoundError, ValueError) as e:
-        p.error(str(e))
+    local = []  # every task file is read (and checked) before the model is loaded
+    for path in find_tasks(args.tasks):
+        kind, task = load_task(path)
+        local.append((path, kind, task))
+    mteb_tasks = _load_mteb_tasks(mteb_names) if mteb_names else []
     enc = encoder_from_args(args)
+    encode_kwargs = {"batch_size": args.batch_size, "tokens_per_batch": args.tokens_per_batch}
     results = {}
-    for path in paths:
+    for path, kind, task in local:
         start = time.perf_counter()
-        kind, metrics = evaluate_path(enc, path, instructions=not args.no_instructions, top_k=args.top_k,
-                                      batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch)
+        metrics = evaluate_task(enc, kind, task, instructions=not args.no_instructions, top_k=args.top_k,
+                                **encode_kwargs)
         name = path.stem if path.is_file() else path.name
         if name in results:
             name = str(path)
         results[name] = {"type": kind, "path": str(path), "metrics": metrics,
                          "seconds": round(time.perf_counter() - start, 3)}
-    print(format_table(results), end="")
+    if results:
+        print(format_table(results), end="")
+    mteb_results = {}
+    if mteb_tasks:
+        from piccolo_jax.mteb_adapter import MTEBModel, run_mteb_tasks
+
+        model = MTEBModel(enc, instructions=not args.no_instructions,
+                          name=f"piccolo-jax/{Path(args.model).resolve().name}", **encode_kwargs)
+        mteb_results = run_mteb_tasks(model, mteb_tasks)
+        print(format_mteb_table(mteb_results), end="")
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         report = {"model": args.model, "instructions": not args.no_instructions, "dtype": args.dtype,
                   "max_length": enc.max_length, "tasks": results}
-        args.output.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        if mteb_results:
+            report["mteb"] = mteb_results
+        _write_json(args.output, report)
         print(f"wrote {args.output}")
+    return 0
+
+
+def _load_mteb_tasks(names: list[str]) -> list:
+    from piccolo_jax.mteb_adapter import MTEBTasksUnavailable, load_mteb_tasks
+
+    try:
+        return load_mteb_tasks(names)
+    except MTEBTasksUnavailable as e:
+        raise InputError(str(e)) from None
+
+
+def format_mteb_table(results: dict) -> str:
+    """One line per task, split and subset: the task's main score x 100."""
+    rows = [(name, split, entry.get("hf_subset", "default"), r["main_score"], entry.get("main_score"))
+            for name, r in results.items() for split, entries in r["scores"].items() for entry in entries]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'[mteb]':<{width}}{'split':<12}{'subset':<12}{'metric':<18}{'score':>8}"]
+    lines += [f"{n:<{width}}{sp:<12}{sub:<12}{m:<18}{100 * v:>8.2f}" for n, sp, sub, m, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,12 +16,11 @@ fewer negatives and are counted. The output file appears only when complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
+from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
 def read_records(path: Path) -> list:
@@ -36,38 +35,37 @@ def read_records(path: Path) -> list:
             try:
                 records.append(parse_line(raw))
             except BadRecord as e:
-                raise SystemExit(f"{path}:{lineno}: {e}") from None
+                raise InputError(f"{path}:{lineno}: {e}") from None
     if not records:
-        raise SystemExit(f"{path}: no records")
+        raise InputError(f"{path}: no records (the file is empty or blank)")
     return records
 
 
 def read_corpus(path: Path, field: str | None) -> list[str]:
     """Passages to mine from: one a line, or one JSONL field a line; an empty passage is an error."""
-    from piccolo_jax.text_files import iter_texts
+    from piccolo_jax.text_files import check_text_input, iter_texts
 
+    check_text_input(path, field, option="--corpus-field")
     texts = []
-    try:
-        for line_id, text in iter_texts(path, field):
-            if not text.strip():
-                raise ValueError(f"{path}:{line_id}: field {field!r} is empty")
-            texts.append(text)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    for line_id, text in iter_texts(path, field):
+        if not text.strip():
+            raise InputError(f"{path}:{line_id}: field {field!r} is empty")
+        texts.append(text)
     if not texts:
-        raise SystemExit(f"{path}: no passages")
+        raise InputError(f"{path}: no passages (the file is empty or blank)")
     return texts
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.inference import add_encoder_arguments
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
     p.add_argument("--input", required=True, type=Path, help="training JSONL (uniem or BGE records)")
     p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
     p.add_argument("--corpus", type=Path, default=None, help="passages to mine from (default: the input's)")
-    p.add_argument("--corpus-field", default=None, help="JSONL field of --corpus (omit for one passage a line)")
+    p.add_argument("--corpus-field", default=None, help="JSONL field of --corpus (required for .jsonl; omit for "
+                   "one passage a line)")
     p.add_argument("--window", type=int, nargs=2, default=(10, 100), metavar=("START", "END"),
                    help="0-based rank window [START, END) to sample from (default 10 100)")
     p.add_argument("--num-negatives", type=int, default=7, help="negatives per query (piccolo: 2 to 7)")
@@ -86,26 +84,28 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
         p.error("--num-negatives must be positive")
     if args.corpus_field is not None and args.corpus is None:
         p.error("--corpus-field needs --corpus")
+    return run_guarded(p.prog, lambda: run(args))
 
+
+def run(args) -> int:
     from piccolo_jax.inference import encoder_from_args
     from piccolo_jax.mining import mine_negatives, rows_for_output
 
+    start, end = args.window
+    if not args.input.is_file():
+        raise InputError(f"{args.input}: no such file")
     records = read_records(args.input)
     corpus = read_corpus(args.corpus, args.corpus_field) if args.corpus is not None else None
     if args.format == "uniem" and any(r.prompt for r in records):
-        raise SystemExit(f"{args.input}: records carry a 'prompt', which the uniem format cannot hold; "
+        raise InputError(f"{args.input}: records carry a 'prompt', which the uniem format cannot hold; "
                          "use --format bge")
     enc = encoder_from_args(args)
-    try:
-        mined, stats = mine_negatives(
-            enc, records, corpus, window=(start, end), num_negatives=args.num_negatives, seed=args.seed,
-            instructions=not args.no_instructions, query_max_length=args.query_max_length,
-            passage_max_length=args.passage_max_length, batch_size=args.batch_size,
-            tokens_per_batch=args.tokens_per_batch,
-            show_progress=not args.no_progress)
-        rows = rows_for_output(mined, args.format)
-    except ValueError as e:
-        raise SystemExit(f"mine_negatives: {e}") from None
+    mined, stats = mine_negatives(
+        enc, records, corpus, window=(start, end), num_negatives=args.num_negatives, seed=args.seed,
+        instructions=not args.no_instructions, query_max_length=args.query_max_length,
+        passage_max_length=args.passage_max_length, batch_size=args.batch_size,
+        tokens_per_batch=args.tokens_per_batch, show_progress=not args.no_progress)
+    rows = rows_for_output(mined, args.format)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
     try:
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
           f"({stats.corpus_duplicates_removed} duplicates merged), window [{start}, {end}), "
           f"{stats.rows_written} rows -> {args.output}; {stats.rows_short_of_negatives} row(s) got fewer "
           f"than {args.num_negatives} negatives, {stats.rows_without_negatives} got none")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

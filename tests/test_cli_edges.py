@@ -1,0 +1,138 @@
+"""encode / evaluate / mine as a user runs them: run directories as --model, one-line errors with exit 2 for
+bad models and bad inputs, a JSONL input without --field refused, labelled progress bars. A tiny random
+BERT keeps every run short."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / "assets" / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(HF directory, run directory with export/model, run directory without an export)."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    from piccolo_jax.hf import load_hf_model
+    from piccolo_jax.params_io import save_model_dir
+
+    root = tmp_path_factory.mktemp("models")
+    hf = root / "tiny-hf"
+    cfg = transformers.BertConfig(vocab_size=21128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(hf)
+    for f in TOKENIZER.iterdir():
+        shutil.copy2(f, hf / f.name)
+    run = root / "run"
+    our_cfg, params, _ = load_hf_model(hf)
+    save_model_dir(run / "export" / "model", our_cfg, params, side_files_from=str(hf))
+    (run / "checkpoints" / "20").mkdir(parents=True)
+    (run / "config.json").write_text("{}\n")
+    unfinished = root / "unfinished"
+    (unfinished / "checkpoints" / "10").mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}\n")
+    (unfinished / "train.log").write_text("")
+    return hf, run, unfinished
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "piccolo_jax", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, check=False, env={**os.environ, "XLA_FLAGS": ""})
+
+
+def assert_one_line_error(run, *fragments):
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_encode_refuses_jsonl_without_field(tmp_path, models):
+    hf, _, _ = models
+    for name in ("corpus.jsonl", "CORPUS.JSONL"):
+        src = tmp_path / name
+        src.write_text('\n{"_id": "a", "body": "文本", "lang": "zh"}\n', encoding="utf-8")
+        run = cli("encode", "--model", hf, "--input", src, "--output", tmp_path / "x.npy")
+        assert_one_line_error(run, str(src), "--field", "line 2", "_id, body, lang")
+    assert not list(tmp_path.glob("*.npy")) and not list(tmp_path.glob(".x*"))
+
+
+def test_run_directory_as_model(tmp_path, models):
+    hf, run_dir, _ = models
+    src = tmp_path / "texts.txt"
+    src.write_text("北京是中国的首都\nhello world\n熊猫吃竹子\n", encoding="utf-8")
+    outs = {}
+    for label, model in (("hf", hf), ("run", run_dir)):
+        outs[label] = tmp_path / f"{label}.npy"
+        run = cli("encode", "--model", model, "--input", src, "--output", outs[label], "--no-progress")
+        assert run.returncode == 0, run.stderr
+    np.testing.assert_allclose(np.load(outs["run"]), np.load(outs["hf"]), atol=1e-6)  # the run's export
+    run = cli("evaluate", "--model", run_dir, REPO / "assets" / "eval" / "sts.jsonl")
+    assert run.returncode == 0 and "cos_spearman" in run.stdout, run.stderr
+
+
+def test_run_directory_without_export_and_missing_model(tmp_path, models):
+    _, _, unfinished = models
+    src = tmp_path / "texts.txt"
+    src.write_text("一\n二\n", encoding="utf-8")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"text": "q", "text_pos": "p"}\n', encoding="utf-8")
+    commands = {"encode": ["--input", src, "--output", tmp_path / "x.npy"],
+                "evaluate": [REPO / "assets" / "eval" / "sts.jsonl"],
+                "mine": ["--input", pairs, "--output", tmp_path / "x.jsonl", "--window", "0", "1"]}
+    for command, rest in commands.items():
+        assert_one_line_error(cli(command, "--model", unfinished, *rest), str(unfinished), "without an export")
+        assert_one_line_error(cli(command, "--model", tmp_path / "nowhere", *rest), "nowhere",
+                              "no such model directory")
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.jsonl").exists()
+
+
+def test_bad_and_empty_inputs_are_one_line_errors(tmp_path, models):
+    hf, _, _ = models
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert_one_line_error(cli("encode", "--model", hf, "--input", bad, "--field", "text", "--output",
+                              tmp_path / "x.npy"), "bad.jsonl:2", "malformed JSON")
+    assert_one_line_error(cli("encode", "--model", hf, "--input", empty, "--field", "text", "--output",
+                              tmp_path / "x.npy"), "empty.jsonl", "no texts")
+    sts = tmp_path / "sts.jsonl"
+    sts.write_text('{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a", "score": 2}\n')
+    assert_one_line_error(cli("evaluate", "--model", hf, sts), "sts.jsonl:2", "sentence2")
+    assert_one_line_error(cli("evaluate", "--model", hf, empty), "empty.jsonl", "empty file")
+    bad_pairs = tmp_path / "bad_pairs.jsonl"
+    bad_pairs.write_text('{"text": "q", "text_pos": "p"}\n{"text": "q"}\n', encoding="utf-8")
+    assert_one_line_error(cli("mine", "--model", hf, "--input", bad_pairs, "--output", tmp_path / "m.jsonl"),
+                          "bad_pairs.jsonl:2", "text_pos")
+    assert_one_line_error(cli("mine", "--model", hf, "--input", empty, "--output", tmp_path / "m.jsonl"),
+                          "empty.jsonl", "no records")
+    assert_one_line_error(cli("evaluate", "--model", hf), "nothing to evaluate")  # argparse errors too
+    assert not list(tmp_path.glob("x.npy")) and not list(tmp_path.glob("m.jsonl")) and not list(tmp_path.glob(".*"))
+
+
+def test_mine_labels_its_two_progress_bars(tmp_path, models):
+    hf, run_dir, _ = models
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"text": f"问题{i}", "text_pos": f"答案{i}"}, ensure_ascii=False) + "\n"
+                             for i in range(6)), encoding="utf-8")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"p": f"段落{i}"}, ensure_ascii=False) + "\n" for i in range(12)),
+                      encoding="utf-8")
+    out = tmp_path / "mined.jsonl"
+    assert_one_line_error(cli("mine", "--model", run_dir, "--input", pairs, "--corpus", corpus, "--output", out),
+                          "--corpus-field", "p")
+    run = cli("mine", "--model", run_dir, "--input", pairs, "--corpus", corpus, "--corpus-field", "p",
+              "--output", out, "--window", "1", "5", "--num-negatives", "2")
+    assert run.returncode == 0, run.stderr
+    assert "encode queries" in run.stderr and "encode corpus" in run.stderr
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 6
