@@ -74,7 +74,7 @@ def test_bad_record_stops_with_file_and_line(tmp_path, case):
     path = _write(tmp_path, raw)
     with pytest.raises(BadRecord, match=re.escape(f"{path}:2: ") + reason) as info:
         JsonlSource(path, max_record_bytes=256)
-    assert "skip_bad_records" in str(info.value)
+    assert str(info.value).endswith("(set data.skip_bad_records = true to skip and count such records)")
 
 
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
@@ -103,7 +103,8 @@ def test_loader_reports_bad_records_per_file(tmp_path, caplog):
     assert metrics["data/bad_records/bad"] == 1 and metrics["data/bad_records/worse"] == 3
     assert metrics["data/bad_records_total"] == 4
     assert f"{worse}:2: malformed JSON" in caplog.text
-    assert "3 bad records skipped" in caplog.text
+    assert any(line.startswith("dataset worse:") and "3 bad records skipped" in line
+               for line in loader.summary_lines())
     assert loader.report()["worse"]["bad_examples"][1].startswith(f"{worse}:5: malformed JSON")
     with pytest.raises(BadRecord, match=re.escape(f"{bad}:2: malformed JSON")):
         make_loader(DataConfig(paths=(str(tmp_path),), global_batch_size=2), tokenizer)
@@ -141,3 +142,38 @@ def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
     path.write_bytes(bom + _line({"text": "a", "text_pos": "b"}) + b"\r\n" + _line({"query": "c", "pos": ["d"]}))
     source = JsonlSource(str(path))
     assert source.records([0, 1]) == [Record("a", ("b",)), Record("c", ("d",))]
+
+
+def test_discovery_for_the_loader(tmp_path, caplog):
+    """JSONL by case-insensitive suffix; nested JSONL refused with one line; every skipped file logged."""
+    row = json.dumps({"text": "q", "text_pos": "p"}) + "\n"
+    (tmp_path / "Upper.JSONL").write_text(row)
+    (tmp_path / "lower.jsonl").write_text(row)
+    (tmp_path / "README.md").write_text("# data")
+    (tmp_path / ".DS_Store").write_text("")
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("INFO"):
+        sources = open_sources([str(tmp_path)])
+    assert [s.name for s in sources] == ["Upper", "lower"]
+    for skipped, why in (("README.md", "not a .jsonl file"), (".DS_Store", "hidden"), ("empty", "empty directory")):
+        assert f"skipping {tmp_path / skipped}: {why}" in caplog.text
+    (tmp_path / "deep" / "zh").mkdir(parents=True)
+    (tmp_path / "deep" / "zh" / "news.jsonl").write_text(row)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'deep' / 'zh'}: 1 .jsonl file(s) in a nested "
+                                                   f"directory (e.g. news.jsonl), which are not read")):
+        open_sources([str(tmp_path)])
+    names = [s.name for s in open_sources([str(tmp_path), str(tmp_path / "deep" / "zh")])]
+    assert names == ["Upper", "lower", "news"]
+
+
+def test_skipped_records_log_the_first_five_and_the_count_of_the_rest(tmp_path, caplog):
+    path = tmp_path / "noisy.jsonl"
+    lines = [json.dumps({"text": f"q{i}", "text_pos": "p"}) if i % 2 else "{bad" for i in range(20)]
+    path.write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        source = JsonlSource(str(path), skip_bad_records=True)
+    assert len(source) == 10 and source.bad_records == {str(path): 10}
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == f"{path}: skipped 10 bad records:"
+    assert [m.split(": ")[0] for m in messages[1:6]] == [f"  {path}:{n}" for n in (1, 3, 5, 7, 9)]
+    assert messages[6:] == [f"  ... and 5 more bad records in {path}"]

@@ -1,63 +1,37 @@
 """Datasets on disk with random access: JSONL files and TFDS array_record directories.
 
-Opening a JSONL file reads it once: every line is parsed and validated, the byte offsets of the good
-ones are kept (8 + 4 bytes a record) and lines are read back on demand with `os.pread`. Each source also
-holds three small per-record arrays the sampler needs for every row of a global batch without reading
-its text: `query_bounds`, `passage_bounds` (the `char_token_bounds` of the query, and the largest over
-its positives and negatives) and `num_negatives`.
+Every source holds the three per-record arrays the sampler needs for every row of a global batch
+without reading its text (`query_bounds`, `passage_bounds`, `num_negatives`; see record_arrays for
+their arithmetic and dtypes) and reads records back on demand with `records(ids)`.
+
+* JSONL: opening reads the file once; every line is parsed and validated, and per good record the
+  byte offset (int64), length (uint32) and line number (uint32) are kept: 16 bytes a record plus the
+  2..4 of the arrays, so 400 M records cost ~7.5 GB per host and an hour of parsing (see
+  benchmarks/bench_data_scale.py). Lines are read back with `os.pread`.
+* TFDS (written by `piccolo-jax prepare`): opening reads the metadata and memory-maps the arrays;
+  nothing per record is read or held (see tfds_store for the shard index the reader keeps).
+
+Which paths are datasets is decided by piccolo_jax.data.discovery (re-exported here).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import weakref
+from array import array
 from collections.abc import Sequence
 
 import numpy as np
 
-from piccolo_jax.data.records import BadRecord, Record, parse_line
-from piccolo_jax.tokenization import char_token_bounds
+from piccolo_jax.data import record_arrays
+from piccolo_jax.data.discovery import find_dataset_paths, jsonl_stem
+from piccolo_jax.data.jsonl_scan import TRAINER_HINT, BadRecords, scan_lines
+from piccolo_jax.data.records import Record, parse_line
+
+__all__ = ["JsonlSource", "Source", "TfdsSource", "find_dataset_paths", "open_sources"]
 
 log = logging.getLogger(__name__)
-_STATS_CHUNK = 4096  # records whose bounds are computed in one vectorised call
-_MAX_REPORTED = 5  # bad-record messages kept per file for the report
-
-
-class RecordStats:
-    """Accumulates the per-record arrays (query_bounds, passage_bounds, num_negatives) in chunks."""
-
-    def __init__(self):
-        self._pending: list[Record] = []
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def add(self, record: Record) -> None:
-        self._pending.append(record)
-        if len(self._pending) >= _STATS_CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        records, self._pending = self._pending, []
-        if not records:
-            return
-        # query bound = bound(prompt) + bound(query); passage bound = max over positives + negatives.
-        query = char_token_bounds([r.query for r in records]) + char_token_bounds(
-            [r.prompt or "" for r in records])
-        passages = [p for r in records for p in (*r.positives, *r.negatives)]
-        owner = np.repeat(np.arange(len(records)), [len(r.positives) + len(r.negatives) for r in records])
-        passage = np.zeros(len(records), np.int64)
-        np.maximum.at(passage, owner, char_token_bounds(passages))
-        negatives = np.array([len(r.negatives) for r in records], np.int64)
-        self._parts.append((query, passage, negatives))
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query_bounds, passage_bounds, num_negatives), each [N] int32."""
-        self._flush()
-        if not self._parts:
-            return tuple(np.zeros(0, np.int32) for _ in range(3))
-        return tuple(np.concatenate([p[i] for p in self._parts]).clip(max=2**31 - 1).astype(np.int32)
-                     for i in range(3))
 
 
 class Source:
@@ -72,6 +46,7 @@ class Source:
     def __init__(self):
         self.bad_records: dict[str, int] = {}  # file -> records skipped
         self.bad_messages: list[str] = []  # the first few "file:line: reason" of those
+        self._negatives_histogram: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.query_bounds)
@@ -79,58 +54,50 @@ class Source:
     def records(self, ids: Sequence[int]) -> list[Record]:
         raise NotImplementedError
 
+    def negatives_shortfall(self, k: int) -> tuple[int, int]:
+        """(records without negatives, records with 1..k-1), counted in chunks (or read from the
+        dataset's metadata) rather than by comparing the whole array at once."""
+        if self._negatives_histogram is None:
+            self._negatives_histogram = record_arrays.negatives_histogram(self.num_negatives)
+        return record_arrays.negatives_shortfall(self._negatives_histogram, k)
+
+    def _take_bad(self, bad: BadRecords) -> None:
+        self.bad_records[bad.path] = bad.count
+        self.bad_messages = list(bad.messages)
+        bad.log(log)
+
 
 class JsonlSource(Source):
-    """One JSONL file = one dataset, named after the file stem."""
+    """One JSONL file = one dataset, named after the file without its .jsonl suffix.
+
+    `skip_hint` ends the error of a bad record: how the caller's user skips such records.
+    """
 
     def __init__(self, path: str, record_format: str = "auto", skip_bad_records: bool = False,
-                 max_record_bytes: int = 1 << 20):
+                 max_record_bytes: int = 1 << 20, skip_hint: str = TRAINER_HINT):
         super().__init__()
         self.path = path
-        self.name = os.path.basename(path).rsplit(".", 1)[0]
+        self.name = jsonl_stem(path)
         self.record_format = record_format
-        offsets, lengths, line_numbers, stats = [], [], [], RecordStats()
-        self.bad_records[path] = 0
+        offsets, lengths, lines = array("q"), array("I" if max_record_bytes < 1 << 32 else "q"), array("q")
+        stats, bad = record_arrays.RecordStats(), BadRecords(path)
         with open(path, "rb") as f:
-            position, line_no = 0, 0
-            while True:
-                raw = f.readline(max_record_bytes + 1)
-                if not raw:
-                    break
-                line_no += 1
-                start, position = position, position + len(raw)
-                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
-                    raw, start = raw[3:], start + 3
-                try:
-                    if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
-                        while raw and not raw.endswith(b"\n"):  # skip the rest of the line unread
-                            raw = f.readline(1 << 20)
-                            position += len(raw)
-                        raise BadRecord(f"line is {position - start:,} bytes, over max_record_bytes="
-                                        f"{max_record_bytes:,}")
-                    body = raw.rstrip(b"\r\n")
-                    record = parse_line(body, record_format)
-                except BadRecord as e:
-                    message = f"{path}:{line_no}: {e}"
-                    if not skip_bad_records:
-                        raise BadRecord(message + " (set skip_bad_records to skip such records)") from None
-                    self.bad_records[path] += 1
-                    if len(self.bad_messages) < _MAX_REPORTED:
-                        self.bad_messages.append(message)
-                    continue
-                offsets.append(start)
-                lengths.append(len(body))
-                line_numbers.append(line_no)
+            for offset, length, line_no, record in scan_lines(
+                    f, path, record_format=record_format, max_record_bytes=max_record_bytes,
+                    bad=bad if skip_bad_records else None, hint=skip_hint):
+                offsets.append(offset)
+                lengths.append(length)
+                lines.append(line_no)
                 stats.add(record)
-        self._offsets = np.array(offsets, np.int64)
-        self._lengths = np.array(lengths, np.int32)
-        self.line_numbers = np.array(line_numbers, np.int64)  # 1-based line of each good record
+        self._offsets = np.frombuffer(offsets, np.int64)
+        self._lengths = np.frombuffer(lengths, np.uint32 if lengths.typecode == "I" else np.int64)
+        line_numbers = np.frombuffer(lines, np.int64)
+        fits = not len(line_numbers) or line_numbers[-1] < 1 << 32
+        self.line_numbers = line_numbers.astype(np.uint32) if fits else line_numbers  # 1-based, good lines
         self.query_bounds, self.passage_bounds, self.num_negatives = stats.arrays()
         self._fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
-        if self.bad_records[path]:
-            log.warning("%s: skipped %d bad records, e.g. %s", path, self.bad_records[path],
-                        self.bad_messages[0])
+        self._take_bad(bad)
 
     def records(self, ids: Sequence[int]) -> list[Record]:
         """The records at positions `ids` among the file's good lines (thread-safe)."""
@@ -139,64 +106,36 @@ class JsonlSource(Source):
 
 
 class TfdsSource(Source):
-    """A TFDS dataset written by scripts/prepare_data.py (array_record), read with random access."""
+    """A TFDS dataset written by `piccolo-jax prepare` (array_record), read with random access."""
 
     def __init__(self, path: str, split: str = "train"):
         super().__init__()
         from piccolo_jax.data import tfds_store  # imports tensorflow_datasets
 
         self.path = path
-        self.name, self._data, stats, bad = tfds_store.open_dataset(path, split)
-        self.query_bounds, self.passage_bounds, self.num_negatives = stats
-        self.bad_records.update(bad)
-        self._lock = threading.Lock()
+        opened = tfds_store.open_dataset(path, split)
+        self.name, self._data = opened.name, opened.records
+        self.query_bounds, self.passage_bounds, self.num_negatives = opened.arrays
+        self._negatives_histogram = opened.negatives_histogram
+        self._decode = tfds_store.decode_example
+        self._example = tfds_store._example_class()
+        if opened.bad is not None:
+            self._take_bad(opened.bad)
 
     def records(self, ids: Sequence[int]) -> list[Record]:
-        from piccolo_jax.data import tfds_store
-
-        with self._lock:  # the array_record reader is not documented as thread-safe
-            items = self._data.__getitems__([int(i) for i in ids])
-        return [tfds_store.to_record(item) for item in items]
-
-
-def _is_tfds_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "dataset_info.json"))
-
-
-def find_dataset_paths(paths: Sequence[str]) -> list[str]:
-    """Expand `paths` into dataset paths: a .jsonl file, a TFDS directory, or a directory holding those
-    (JSONL files directly inside it, TFDS directories at any depth), in sorted order."""
-    found: list[str] = []
-    for path in paths:
-        if os.path.isfile(path):
-            if not path.endswith(".jsonl"):
-                raise ValueError(f"{path}: unsupported dataset file (expected .jsonl)")
-            found.append(path)
-        elif os.path.isdir(path):
-            if _is_tfds_dir(path):
-                found.append(path)
-                continue
-            inside = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
-            for root, dirs, _ in os.walk(path):
-                dirs.sort()
-                inside += [os.path.join(root, d) for d in dirs if _is_tfds_dir(os.path.join(root, d))]
-            if not inside:
-                raise ValueError(f"{path}: no .jsonl files or TFDS datasets in this directory")
-            found.extend(inside)
-        else:
-            raise FileNotFoundError(f"{path}: no such dataset file or directory")
-    return found
+        """The records at positions `ids` (thread-safe: one lock per shard reader)."""
+        return [self._decode(raw, self._example) for raw in self._data.read(ids)]
 
 
 def open_sources(paths: Sequence[str], record_format: str = "auto", skip_bad_records: bool = False,
-                 max_record_bytes: int = 1 << 20) -> list[Source]:
-    """Open every dataset under `paths`; dataset names must be unique."""
+                 max_record_bytes: int = 1 << 20, skip_hint: str = TRAINER_HINT) -> list[Source]:
+    """Open every dataset under `paths` (see discovery); dataset names must be unique."""
     sources: list[Source] = []
     for path in find_dataset_paths(paths):
         if os.path.isdir(path):
             sources.append(TfdsSource(path))
         else:
-            sources.append(JsonlSource(path, record_format, skip_bad_records, max_record_bytes))
+            sources.append(JsonlSource(path, record_format, skip_bad_records, max_record_bytes, skip_hint))
     by_name: dict[str, str] = {}
     for source in sources:
         if source.name in by_name:

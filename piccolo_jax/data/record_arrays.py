@@ -1,0 +1,159 @@
+"""The per-record arrays the sampler reads for every row of a global batch, in the narrowest dtype.
+
+For record i of a dataset (`char_token_bounds` is the token upper bound of piccolo_jax.tokenization):
+
+    query_bounds[i]   = bound(prompt_i) + bound(query_i)
+    passage_bounds[i] = max over the positives and negatives of record i of bound(text)
+    num_negatives[i]  = len(negatives_i)
+
+The batcher uses a bound only as min(max_length, round_up(max over rows of bound + extras)) and a count
+only as `== 0` and `< K`, so every value is stored clipped at CAP = 65,535: exact for any max length
+and any K up to 65,535 (BERT's positions end at 512). Each array takes the narrowest unsigned dtype
+that holds its largest (clipped) value, and an array whose values are all equal is kept as one number
+(a zero-stride view, 0 bytes a record): the num_negatives of a pairs dataset.
+
+    pretrain pairs (texts <= 255 characters): uint8 + uint8 + constant = 2 bytes a record
+    finetune triplets (512-token passages):   uint8 + uint16 + uint8    = 4 bytes a record
+    400 M pretrain records: 800 MB on disk, memory-mapped (`np.load(mmap_mode="r")`), so a host keeps
+    resident only the pages its batches touch (at most the 800 MB, reclaimable page cache).
+
+`RecordStats` builds the arrays chunk by chunk (4,096 records a vectorised call, 2 bytes a value
+while building); `save_arrays` / `load_arrays` store them as one .npy file each next to a JSON
+description {name: {"dtype", "constant"}}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from piccolo_jax.data.records import Record
+from piccolo_jax.tokenization import char_token_bounds
+
+ARRAY_NAMES = ("query_bounds", "passage_bounds", "num_negatives")
+CAP = 65_535  # clip of every stored value (see module doc)
+_CHUNK = 4096  # records whose bounds are computed in one vectorised call
+_COUNT_CHUNK = 1 << 24  # elements compared at once when counting (16 MB of booleans)
+
+
+def narrow_dtype(max_value: int) -> np.dtype:
+    """The narrowest unsigned dtype holding values in [0, min(max_value, CAP)]."""
+    return np.dtype(np.uint8) if max_value <= 255 else np.dtype(np.uint16)
+
+
+def narrow(values: np.ndarray) -> np.ndarray:
+    """`values` clipped at CAP, in the narrowest unsigned dtype; a zero-stride view when all are equal."""
+    values = np.asarray(values)
+    if not len(values):
+        return np.zeros(0, np.uint8)
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0:
+        raise ValueError(f"per-record values must be >= 0, got {lo}")
+    hi = min(hi, CAP)
+    dtype = narrow_dtype(hi)
+    if lo >= hi:  # every value equal (after clipping)
+        return np.broadcast_to(np.array(hi, dtype), values.shape)
+    return np.minimum(values, CAP).astype(dtype)
+
+
+def record_bounds(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(query_bound, passage_bound, num_negatives) [len(records)] int64, unclipped (see module doc)."""
+    query = char_token_bounds([r.query for r in records]) + char_token_bounds(
+        [r.prompt or "" for r in records])
+    passages = [p for r in records for p in (*r.positives, *r.negatives)]
+    owner = np.repeat(np.arange(len(records)), [len(r.positives) + len(r.negatives) for r in records])
+    passage = np.zeros(len(records), np.int64)
+    np.maximum.at(passage, owner, char_token_bounds(passages))
+    negatives = np.fromiter((len(r.negatives) for r in records), np.int64, len(records))
+    return query, passage, negatives
+
+
+class RecordStats:
+    """Accumulates the per-record arrays in chunks; `arrays()` returns them narrowed."""
+
+    def __init__(self):
+        self._pending: list[Record] = []
+        self._parts: list[tuple[np.ndarray, ...]] = []
+
+    def add(self, record: Record) -> None:
+        self._pending.append(record)
+        if len(self._pending) >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        records, self._pending = self._pending, []
+        if records:
+            self._parts.append(tuple(np.minimum(a, CAP).astype(np.uint16) for a in record_bounds(records)))
+
+    def clipped(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The three arrays clipped at CAP, uint16 (before narrowing)."""
+        self._flush()
+        if not self._parts:
+            return tuple(np.zeros(0, np.uint16) for _ in ARRAY_NAMES)
+        if len(self._parts) > 1:
+            self._parts = [tuple(np.concatenate([p[i] for p in self._parts]) for i in range(3))]
+        return self._parts[0]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query_bounds, passage_bounds, num_negatives), each [N], narrowed (see module doc)."""
+        return tuple(narrow(a) for a in self.clipped())
+
+
+def array_file(directory: str, name: str) -> str:
+    return os.path.join(directory, f"piccolo_{name}.npy")
+
+
+def save_arrays(directory: str, arrays: Mapping[str, np.ndarray]) -> dict:
+    """Write each narrowed array as `piccolo_<name>.npy` (constants as no file); returns the JSON
+    description that `load_arrays` needs."""
+    meta = {}
+    for name in ARRAY_NAMES:
+        values = arrays[name]
+        if len(values) and values.strides == (0,):
+            meta[name] = {"dtype": values.dtype.name, "constant": int(values[0])}
+        else:
+            np.save(array_file(directory, name), np.ascontiguousarray(values))
+            meta[name] = {"dtype": values.dtype.name, "constant": None}
+    return meta
+
+
+def load_arrays(directory: str, meta: Mapping, num_records: int) -> tuple[np.ndarray, ...]:
+    """The arrays written by `save_arrays`, memory-mapped read-only (constants as zero-stride views);
+    raises ValueError naming the file when one is missing or has the wrong length or dtype."""
+    out = []
+    for name in ARRAY_NAMES:
+        entry = meta[name]
+        if entry["constant"] is not None:
+            out.append(np.broadcast_to(np.array(entry["constant"], entry["dtype"]), (num_records,)))
+            continue
+        path = array_file(directory, name)
+        try:
+            values = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing; prepare the dataset again") from None
+        if values.shape != (num_records,) or values.dtype.name != entry["dtype"]:
+            raise ValueError(f"{path}: {values.dtype.name}{list(values.shape)}, expected "
+                             f"{entry['dtype']}[{num_records}]; prepare the dataset again")
+        out.append(values)
+    return tuple(out)
+
+
+def negatives_histogram(num_negatives: np.ndarray) -> dict[int, int]:
+    """{count: records with that many negatives (clipped at CAP)}, counted in chunks."""
+    if len(num_negatives) and num_negatives.strides == (0,):
+        return {int(num_negatives[0]): len(num_negatives)}
+    total = np.zeros(CAP + 1, np.int64)
+    for start in range(0, len(num_negatives), _COUNT_CHUNK):
+        chunk = np.asarray(num_negatives[start:start + _COUNT_CHUNK])
+        counts = np.bincount(chunk, minlength=1)
+        total[:len(counts)] += counts
+    return {int(v): int(total[v]) for v in np.flatnonzero(total)}
+
+
+def negatives_shortfall(histogram: Mapping[int, int], k: int) -> tuple[int, int]:
+    """(records without negatives, records with 1..k-1 negatives) from a `negatives_histogram`."""
+    without = int(histogram.get(0, 0))
+    fewer = sum(int(n) for count, n in histogram.items() if 0 < int(count) < k)
+    return without, fewer
