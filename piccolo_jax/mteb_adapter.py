@@ -167,21 +167,22 @@ def load_mteb_tasks(names: Sequence[str]) -> list:
     return tasks
 
 
-def run_mteb_tasks(model: MTEBModel, tasks: Sequence, *, output_folder: str | os.PathLike | None = None,
-                   show_progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run loaded mteb tasks: {task name: {"type", "main_score", "scores": {split: [per-subset dict]}}}."""
+def run_mteb_tasks(model: MTEBModel, tasks: Sequence, *, show_progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run loaded mteb tasks: {task name: {"type", "main_score", "scores": {split: [per-subset dict]}}}.
+
+    mteb's result cache is not used: results are keyed by model name, and a retrained model keeps its
+    directory name, so a cached score could belong to older weights.
+    """
     import mteb
 
-    cache = None if output_folder is None else mteb.ResultCache(cache_path=str(output_folder))
-    result = mteb.evaluate(model, list(tasks), cache=cache, overwrite_strategy="always",
-                           show_progress_bar=show_progress)
-    out = {}
-    for task, tr in zip(tasks, result.task_results):
-        out[tr.task_name] = {"type": task.metadata.type, "main_score": task.metadata.main_score,
-                             "scores": tr.scores}
-    return out
+    result = mteb.evaluate(model, list(tasks), cache=None, show_progress_bar=show_progress)
+    by_name = {t.metadata.name: t for t in tasks}
+    return {tr.task_name: {"type": by_name[tr.task_name].metadata.type,
+                           "main_score": by_name[tr.task_name].metadata.main_score, "scores": tr.scores}
+            for tr in result.task_results}
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # KeyError's str() adds quotes
+    text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."

@@ -35,11 +35,12 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def retrieval_data() -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
-    """The bundled Chinese retrieval set plus English documents, with the cases where rankings and
-    metrics are easy to get wrong: exact ties (duplicate texts; the relevant copy has the lower id, so
-    corpus order and trec_eval's id-descending order disagree), graded qrels, a query whose qrels are
-    all grade 0, a qrel naming a document the corpus lacks, and a query without qrels."""
+def retrieval_data(edge_cases: bool = True) -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]:
+    """The bundled Chinese retrieval set (assets/eval/retrieval); with `edge_cases` also English documents
+    and the cases where rankings and metrics are easy to get wrong: exact ties (duplicate texts; the
+    relevant copy has the lower id, so corpus order and trec_eval's id-descending order disagree), graded
+    qrels, a query whose qrels are all grade 0, a qrel naming a document the corpus lacks, and a query
+    without qrels."""
     corpus = [{"id": r["_id"], "title": r.get("title", ""), "text": r["text"]}
               for r in _jsonl(ASSETS / "retrieval" / "corpus.jsonl")]
     queries = [{"id": r["_id"], "text": r["text"]} for r in _jsonl(ASSETS / "retrieval" / "queries.jsonl")]
@@ -47,6 +48,8 @@ def retrieval_data() -> tuple[list[dict], list[dict], dict[str, dict[str, int]]]
     for line in (ASSETS / "retrieval" / "qrels.tsv").read_text(encoding="utf-8").splitlines()[1:]:
         q, d, s = line.split("\t")
         qrels.setdefault(q, {})[d] = int(s)
+    if not edge_cases:
+        return corpus, queries, qrels
     corpus += [
         {"id": "e1", "title": "Pandas", "text": "Giant pandas eat bamboo almost exclusively."},
         {"id": "e2", "title": "", "text": "The Great Wall of China is more than twenty thousand kilometres long."},
@@ -78,8 +81,9 @@ STS_EXTRA = [("A man is playing a guitar.", "Someone plays the guitar.", 4.2),
              ("I like green tea.", "Green tea is my favourite drink.", 3.9)]
 
 
-def sts_data() -> list[tuple[str, str, float]]:
-    return [(r["sentence1"], r["sentence2"], float(r["score"])) for r in _jsonl(ASSETS / "sts.jsonl")] + STS_EXTRA
+def sts_data(edge_cases: bool = True) -> list[tuple[str, str, float]]:
+    bundled = [(r["sentence1"], r["sentence2"], float(r["score"])) for r in _jsonl(ASSETS / "sts.jsonl")]
+    return bundled + (STS_EXTRA if edge_cases else [])
 
 
 _COMMON = dict(description="in-memory test task", reference="https://example.com/task",
@@ -91,9 +95,10 @@ _COMMON = dict(description="in-memory test task", reference="https://example.com
 
 class LocalRetrieval(AbsTaskRetrieval):
     metadata = TaskMetadata(type="Retrieval", name="PiccoloLocalRetrieval", main_score="ndcg_at_10", **_COMMON)
+    edge_cases = True
 
     def load_data(self, num_proc=None, **kwargs):
-        corpus, queries, qrels = retrieval_data()
+        corpus, queries, qrels = retrieval_data(self.edge_cases)
         self.dataset = {"default": {"test": RetrievalSplitData(
             queries=Dataset.from_list(queries), corpus=Dataset.from_list(corpus), relevant_docs=qrels,
             top_ranked=None)}}
@@ -103,16 +108,26 @@ class LocalRetrieval(AbsTaskRetrieval):
 class LocalSTS(AbsTaskSTS):
     metadata = TaskMetadata(type="STS", name="PiccoloLocalSTS", main_score="cosine_spearman", **_COMMON)
     min_score, max_score = 0, 5
+    edge_cases = True
 
     def load_data(self, num_proc=None, **kwargs):
-        s1, s2, score = zip(*sts_data())
+        s1, s2, score = zip(*sts_data(self.edge_cases))
         self.dataset = DatasetDict({"test": Dataset.from_dict(
             {"sentence1": list(s1), "sentence2": list(s2), "score": list(score)})})
         self.data_loaded = True
 
 
-def run_mteb(model) -> dict[str, dict]:
-    result = mteb.evaluate(model, [LocalRetrieval(), LocalSTS()], cache=None, show_progress_bar=False)
+class AssetsRetrieval(LocalRetrieval):
+    edge_cases = False
+
+
+class AssetsSTS(LocalSTS):
+    edge_cases = False
+
+
+def run_mteb(model, edge_cases: bool = True) -> dict[str, dict]:
+    tasks = [LocalRetrieval(), LocalSTS()] if edge_cases else [AssetsRetrieval(), AssetsSTS()]
+    result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
     return {tr.task_name: tr.scores["test"][0] for tr in result.task_results}
 
 
@@ -122,11 +137,16 @@ STS_KEYS = {"cos_spearman": "cosine_spearman", "cos_pearson": "cosine_pearson"}
 
 
 @pytest.fixture(scope="module")
-def st_scores():
-    """mteb + SentenceTransformer with piccolo's instructions as its query / document prompts."""
-    st = st_module.SentenceTransformer(str(MINILM), device="cpu",
-                                       prompts={"query": QUERY_PREFIX, "document": PASSAGE_PREFIX})
-    return run_mteb(st)
+def st_model():
+    """SentenceTransformer with piccolo's instructions as its query / document prompts."""
+    return st_module.SentenceTransformer(str(MINILM), device="cpu",
+                                         prompts={"query": QUERY_PREFIX, "document": PASSAGE_PREFIX})
+
+
+@pytest.fixture(scope="module")
+def st_scores(st_model):
+    """mteb + SentenceTransformer on the tasks with edge cases."""
+    return run_mteb(st_model)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +176,30 @@ def test_adapter_is_an_mteb_encoder(encoder):
     assert meta.n_parameters == 22_713_216  # all-MiniLM-L6-v2 without its pooler
 
 
+def test_adapter_prompt_types_inputs_and_errors(encoder):
+    from mteb.types import PromptType
+
+    rec = Recording(encoder)
+    model = MTEBModel(rec)
+    texts = ["北京是中国的首都。", "hello world", "熊猫"]
+    batches = [{"text": texts[:2], "body": texts[:2]}, {"text": texts[2:]}]  # a DataLoader's batches
+    out = model.encode(batches, task_metadata=None, hf_split="test", hf_subset="default",
+                       prompt_type=PromptType.document)
+    assert out.shape == (3, 384) and out.dtype == np.float32 and rec.calls[-1] == ("passage", 3)
+    np.testing.assert_allclose(out, encoder.encode(texts, kind="passage"), atol=1e-6)  # order kept
+    model.encode(texts, prompt_type=PromptType.query)
+    assert rec.calls[-1] == ("query", 3)
+    MTEBModel(rec, instructions=False).encode(texts, prompt_type=PromptType.query)
+    assert rec.calls[-1] == (None, 3)
+    sim = model.similarity(out, out)
+    np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-6)
+    np.testing.assert_allclose(model.similarity_pairwise(out, out[::-1]), sim[[0, 1, 2], [2, 1, 0]], atol=1e-6)
+    with pytest.raises(TypeError, match="item 0"):
+        model.encode([1, 2])
+    with pytest.raises(ValueError, match="prompt_type"):
+        model.encode(texts, prompt_type="title")
+
+
 def test_mteb_with_our_adapter_equals_mteb_with_sentence_transformers(encoder, st_scores):
     rec = Recording(encoder)
     ours = run_mteb(MTEBModel(rec, name="local/minilm"))
@@ -173,8 +217,12 @@ def test_mteb_with_our_adapter_equals_mteb_with_sentence_transformers(encoder, s
     assert 0.3 < st_scores["PiccoloLocalRetrieval"]["ndcg_at_10"] < 0.99
 
 
-def test_evaluate_command_equals_mteb(tmp_path, st_scores):
-    corpus, queries, qrels = retrieval_data()
+@pytest.mark.parametrize("edge_cases", [True, False], ids=["edge-cases", "bundled-assets"])
+def test_evaluate_command_equals_mteb(tmp_path, st_model, st_scores, edge_cases):
+    """scripts/evaluate.py on files vs mteb + sentence-transformers on the same data: the bundled
+    assets/eval retrieval and STS sets as they are, and with the edge cases added."""
+    ref_scores = st_scores if edge_cases else run_mteb(st_model, edge_cases=False)
+    corpus, queries, qrels = retrieval_data(edge_cases)
     task = tmp_path / "tasks" / "retrieval"
     task.mkdir(parents=True)
     (task / "corpus.jsonl").write_text("".join(json.dumps({"_id": d["id"], "title": d["title"], "text": d["text"]},
@@ -185,20 +233,21 @@ def test_evaluate_command_equals_mteb(tmp_path, st_scores):
         f"{q}\t{d}\t{s}\n" for q, r in qrels.items() for d, s in r.items()), "utf-8")
     (tmp_path / "tasks" / "sts.jsonl").write_text("".join(
         json.dumps({"sentence1": a, "sentence2": b, "score": s}, ensure_ascii=False) + "\n"
-        for a, b, s in sts_data()), "utf-8")
+        for a, b, s in sts_data(edge_cases)), "utf-8")
     out = tmp_path / "results.json"
     run = subprocess.run([sys.executable, "scripts/evaluate.py", "--model", str(MINILM), str(tmp_path / "tasks"),
                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, check=False,
                          env={**os.environ, "XLA_FLAGS": ""})
     assert run.returncode == 0, run.stderr
     tasks = json.loads(out.read_text(encoding="utf-8"))["tasks"]
-    got, ref = tasks["retrieval"]["metrics"], st_scores["PiccoloLocalRetrieval"]
+    got, ref = tasks["retrieval"]["metrics"], ref_scores["PiccoloLocalRetrieval"]
     for ours_key, mteb_key in RETRIEVAL_KEYS.items():
         assert got[ours_key] == pytest.approx(ref[mteb_key], abs=1e-5), ours_key
-    assert (got["queries_evaluated"], got["queries_without_relevant"], got["queries_without_qrels"]) == \
-        (len(queries) - 1, 1, 1)
-    assert got["qrels_unknown_corpus_ids"] == 1
-    got, ref = tasks["sts"]["metrics"], st_scores["PiccoloLocalSTS"]
+    if edge_cases:
+        assert (got["queries_evaluated"], got["queries_without_relevant"], got["queries_without_qrels"]) == \
+            (len(queries) - 1, 1, 1)
+        assert got["qrels_unknown_corpus_ids"] == 1
+    got, ref = tasks["sts"]["metrics"], ref_scores["PiccoloLocalSTS"]
     for ours_key, mteb_key in STS_KEYS.items():
         assert got[ours_key] == pytest.approx(ref[mteb_key], abs=1e-5), ours_key
 

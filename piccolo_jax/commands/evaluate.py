@@ -83,7 +83,7 @@ def run(args, mteb_names: list[str]) -> int:
         model = MTEBModel(enc, instructions=not args.no_instructions,
                           name=f"piccolo-jax/{Path(args.model).resolve().name}", **encode_kwargs)
         mteb_results = run_mteb_tasks(model, mteb_tasks)
-        print(format_mteb_table(mteb_results), end="")
+        print(("\n" if results else "") + format_mteb_table(mteb_results), end="")
     if args.output is not None:
         report = {"model": args.model, "instructions": not args.no_instructions, "dtype": args.dtype,
                   "max_length": enc.max_length, "tasks": results}
