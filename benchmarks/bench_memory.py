@@ -1,12 +1,23 @@
-"""Peak memory of the compiled train step vs the global batch, with and without gradient caching.
+"""Peak memory of the compiled train step, per device, read from XLA before anything runs.
 
-For each global batch B (pairs) the train step is compiled (not run) on one device and XLA's
-`memory_analysis()` is read: arguments (train state + batch), outputs (new state + metrics), the bytes
-aliased between them by donation, and temporaries. Peak = arguments + outputs - aliased + temporaries.
+Two modes; both compile the real step (`train_step.make_train_step`, AdamW from the config) on abstract
+inputs (nothing is allocated) and read `memory_analysis()`: arguments (train state + batch), outputs
+(new state + metrics), the bytes aliased between them by donation, and temporaries.
+Peak = arguments + outputs - aliased + temporaries (`piccolo_jax.memory.compiled_peak_bytes`).
 
-Without caching (num_chunks = 1) the activations of all 2B sequences are alive at once, so the peak grows
-linearly in B. With gradient caching at a fixed chunk of `--chunk` pairs (num_chunks = B / chunk), only
-one chunk's activations live at a time; what still grows with B is, by construction,
+--model base: piccolo-base-zh (768 / 12 layers, vocab 21,128) at the shapes of configs/pretrain.toml
+(32,768 pairs x 128 / 128 tokens) and configs/finetune.toml (1,024 queries x 64 tokens, 1 + 7 passages
+x 512 tokens), on 1 and 8 devices (simulated CPU devices here), for several num_chunks; every row at its
+max length (the worst case the loader can produce). It prints which device sizes each point fits and
+the smallest num_chunks per device count and size.
+
+    python benchmarks/bench_memory.py --model base                       # both recipes, 1 and 8 devices
+    python benchmarks/bench_memory.py --model base --recipes finetune --devices 8 --chunks 8,16
+
+--model small (default): a 2-layer encoder, global batch B = 64 ... 4096, with and without gradient
+caching. Without caching (num_chunks = 1) the activations of all 2B sequences are alive at once, so the
+peak grows linearly in B. With gradient caching at a fixed chunk of `--chunk` pairs (num_chunks = B /
+chunk), only one chunk's activations live at a time; what still grows with B is, by construction,
   * the batch itself (4 int32 arrays [B, T]) and the embeddings q, p [B, D] with their cached
     gradients (4 B D float32), and
   * the loss's working set: blocks of `block_size` queries against all B candidates, so
@@ -14,13 +25,14 @@ one chunk's activations live at a time; what still grows with B is, by construct
     (the loss runs between the two passes), so XLA reuses their buffers; it shows in the peak only once
     it outgrows them (at piccolo's B = 32,768 with block 512: 64 MiB per logits array), and
     `--block-sizes` shows how to bound it.
-The table prints those terms next to the peaks.
 
     python benchmarks/bench_memory.py            # B = 64 ... 4096, block_size 512 and 64
     python benchmarks/bench_memory.py --quick    # B = 64 ... 1024
 
-There is no PyTorch column: the PyTorch original has no gradient caching (its batch is bounded by
-activation memory, which is the num_chunks = 1 column).
+The compiled figures are XLA:CPU's buffer assignment when run on a CPU; GPU and TPU compilers fuse and
+schedule differently, so rerun there for their own numbers (the trainer checks the same way before its
+first step). There is no PyTorch column: the PyTorch original has no gradient caching (its batch is
+bounded by activation memory, which is the num_chunks = 1 column).
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 if not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,37 +50,22 @@ from benchmarks import common  # noqa: E402
 
 def compiled_memory(model_cfg, pairs: int, length: int, num_chunks: int, block_size: int) -> dict[str, int]:
     import jax
-    import jax.numpy as jnp
 
+    from piccolo_jax import memory
     from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.sharding import MeshConfig, batch_sharding, make_mesh
-    from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+    from piccolo_jax.sharding import MeshConfig, make_mesh
+    from piccolo_jax.train_step import LossConfig
 
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(), total_steps=1_000)
-    state = jax.eval_shape(lambda: create_train_state(model_cfg, optimizer, mesh, "dp", jax.random.key(0)))
-    sharding = batch_sharding(mesh)
-    batch = {f"{side}_{kind}": jax.ShapeDtypeStruct((pairs, length), jnp.int32, sharding=sharding)
-             for side in ("query", "passage") for kind in ("input_ids", "attention_mask")}
+    batch = memory.abstract_batch(mesh, pairs, length, length)
     loss_cfg = LossConfig(kind="in_batch", num_chunks=num_chunks, block_size=block_size)
-    step = make_train_step(model_cfg, loss_cfg, optimizer, mesh, "dp")
-    m = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
-    out = {"arg": m.argument_size_in_bytes, "out": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-           "temp": m.temp_size_in_bytes}
-    out["peak"] = out["arg"] + out["out"] - out["alias"] + out["temp"]
-    return out
+    m = memory.memory_breakdown(memory.compile_train_step(model_cfg, loss_cfg, optimizer, mesh, "dp", batch))
+    return {"arg": m["arguments"], "out": m["outputs"], "alias": m["aliased"], "temp": m["temporaries"],
+            "peak": m["peak"]}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="B up to 1024, one block size")
-    ap.add_argument("--batches", default=None, help="comma list of global batches in pairs (default 64..4096)")
-    ap.add_argument("--chunk", type=int, default=64, help="pairs per gradient-caching chunk")
-    ap.add_argument("--length", type=int, default=32)
-    ap.add_argument("--block-sizes", default=None, help="loss block sizes (default 512,64; quick 512)")
-    ap.add_argument("--dropout", type=float, default=0.1)
-    args = ap.parse_args(argv)
-
+def run_small(args):
     import jax
 
     from piccolo_jax.model_config import ModelConfig
@@ -116,5 +114,111 @@ def main(argv=None):
           f"{jax.devices()[0].platform} backend")
 
 
+# ------------------------------------------------------------------------------------- --model base
+SIZES_GB = (16, 32, 40, 80, 141)  # device memory sizes (nominal; taken as GiB, as the devices report)
+DEFAULT_FRACTION = 0.75  # share of device memory XLA's GPU allocator takes by default
+DEFAULT_CHUNKS = {("pretrain", 1): (16, 64, 256), ("pretrain", 8): (2, 8, 32),
+                  ("finetune", 1): (8, 32, 128), ("finetune", 8): (1, 4, 16)}
+
+
+def recipe_point(recipe: str, devices: int, num_chunks: int, remat: str | None) -> dict:
+    """Compiled peak of the piccolo-base-zh train step at a shipped config's worst-case shapes."""
+    import dataclasses
+
+    import jax
+
+    from piccolo_jax import memory
+    from piccolo_jax.config import load_config
+    from piccolo_jax.optim import make_optimizer
+    from piccolo_jax.resources import find_config
+    from piccolo_jax.sharding import make_mesh
+
+    cfg = load_config(find_config(recipe), recipe)
+    model_cfg = cfg.model if remat is None else cfg.model.replace(remat=remat)
+    mesh = make_mesh(dataclasses.replace(cfg.parallel, data=devices, fsdp=1, tensor=1),
+                     devices=jax.devices()[:devices])
+    optimizer = make_optimizer(cfg.optim, total_steps=cfg.run.steps)
+    d = cfg.data
+    batch = memory.abstract_batch(mesh, d.global_batch_size, d.query_max_length, d.passage_max_length,
+                                  d.num_negatives)
+    loss_cfg = dataclasses.replace(cfg.loss, num_chunks=num_chunks)
+    m = memory.memory_breakdown(memory.compile_train_step(model_cfg, loss_cfg, optimizer, mesh,
+                                                          cfg.parallel.strategy, batch))
+    rows = d.global_batch_size // (devices * num_chunks)
+    return dict(m, recipe=recipe, devices=devices, num_chunks=num_chunks, rows=rows,
+                docs=rows * (1 + d.num_negatives), remat=model_cfg.remat, dtype=model_cfg.compute_dtype)
+
+
+def fits(peak: int, size_gb: float, fraction: float) -> bool:
+    from piccolo_jax.memory import HEADROOM, GiB
+
+    return peak <= HEADROOM * fraction * size_gb * GiB
+
+
+def run_base(args) -> None:
+    import jax
+
+    from piccolo_jax.memory import HEADROOM, GiB
+
+    print(common.environment_line())
+    recipes = args.recipes.split(",")
+    device_counts = [int(x) for x in args.devices.split(",")]
+    if max(device_counts) > jax.device_count():
+        raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} devices")
+    points = []
+    for recipe in recipes:
+        for n in device_counts:
+            chunks = [int(x) for x in args.chunks.split(",")] if args.chunks else DEFAULT_CHUNKS[(recipe, n)]
+            for c in chunks:
+                t0 = time.perf_counter()
+                p = recipe_point(recipe, n, c, args.remat)
+                points.append(p)
+                print(f"  {recipe} devices={n} num_chunks={c}: peak {p['peak'] / GiB:.2f} GiB "
+                      f"(compiled in {time.perf_counter() - t0:.0f} s)", flush=True)
+    frac = args.fraction
+    rows = [[p["recipe"], p["devices"], p["num_chunks"], p["rows"], p["docs"], p["arguments"] / GiB,
+             p["temporaries"] / GiB, p["peak"] / GiB] + ["yes" if fits(p["peak"], s, frac) else "-" for s in SIZES_GB]
+            for p in points]
+    common.print_table(["recipe", "devices", "chunks", "queries/dev/chunk", "docs/dev/chunk", "args GiB",
+                        "temp GiB", "peak GiB"] + [f"{s} GB" for s in SIZES_GB], rows,
+                       title=f"Compiled piccolo-base-zh train step per device (remat {points[0]['remat']}, "
+                             f"{points[0]['dtype']}); fits = peak <= {HEADROOM:.0%} x {frac:.0%} of the device")
+    rec = []
+    for recipe in recipes:
+        for n in device_counts:
+            mine = sorted((p for p in points if p["recipe"] == recipe and p["devices"] == n),
+                          key=lambda p: p["num_chunks"])
+            rec.append([recipe, n] + [next((p["num_chunks"] for p in mine if fits(p["peak"], s, frac)), "-")
+                                      for s in SIZES_GB])
+    common.print_table(["recipe", "devices"] + [f"{s} GB" for s in SIZES_GB], rec,
+                       title="Smallest measured loss.num_chunks that fits ('-': none of those measured)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", choices=("small", "base"), default="small",
+                    help="small: batch sweep of a 2-layer encoder; base: piccolo-base-zh at the shipped configs")
+    ap.add_argument("--recipes", default="pretrain,finetune", help="base: comma list of bundled configs")
+    ap.add_argument("--devices", default="1,8", help="base: comma list of device counts (simulated on CPU)")
+    ap.add_argument("--chunks", default=None, help="base: comma list of num_chunks (default: per recipe/devices)")
+    ap.add_argument("--remat", default=None, help="base: override model.remat (none | full | dots_saveable ...)")
+    ap.add_argument("--fraction", type=float, default=DEFAULT_FRACTION,
+                    help="base: share of device memory JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION; default .75)")
+    ap.add_argument("--quick", action="store_true", help="small: B up to 1024, one block size")
+    ap.add_argument("--batches", default=None, help="small: comma list of global batches in pairs (default 64..4096)")
+    ap.add_argument("--chunk", type=int, default=64, help="small: pairs per gradient-caching chunk")
+    ap.add_argument("--length", type=int, default=32, help="small: tokens per sequence")
+    ap.add_argument("--block-sizes", default=None, help="small: loss block sizes (default 512,64; quick 512)")
+    ap.add_argument("--dropout", type=float, default=0.1, help="small: dropout rates")
+    args = ap.parse_args(argv)
+    if args.model == "base":
+        run_base(args)
+    else:
+        run_small(args)
+
+
 if __name__ == "__main__":
+    # 8 simulated devices on a CPU host (no effect on GPU / TPU backends); must precede importing jax.
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     main()

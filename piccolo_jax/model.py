@@ -4,10 +4,22 @@ Numerically this is transformers' `BertModel`: post-LayerNorm blocks, exact (erf
 positions, padding-masked self-attention. Every parameter carries logical axis names (``"vocab"``,
 ``"embed"``, ``"heads"``, ``"mlp"``, ...); `piccolo_jax.sharding` maps them onto mesh axes.
 
+The L blocks are one stacked layer: every block parameter has a leading [L] axis (logical name
+``"layers"``, never sharded; e.g. ``layers/ffn_in/kernel`` is [L, D, F]) and the blocks run as one
+`jax.lax.scan`, under `jax.checkpoint` with the configured remat policy. XLA then compiles one block and
+reuses one block's buffers for every layer: the compiled per-device peak of the piccolo-base-zh pretrain
+step (2,048 pairs x 128 tokens per device per chunk, bfloat16, XLA:CPU) fell from 402 GiB with 12 unrolled
+blocks, each under nnx.remat, to 47 GiB (benchmarks/bench_memory.py). Remat policies (`ModelConfig.remat`):
+
+    "none"                               keep every activation of every block for the backward pass
+    "full"                               keep each block's input [B, T, D] only, recompute the rest
+    "dots_saveable"                      also keep the matmul outputs (more memory, less recompute)
+    "dots_with_no_batch_dims_saveable"   keep the dense-layer outputs, recompute attention
+
 The module is driven functionally: `abstract_model` gives the graph definition and abstract parameters
 once, parameters live as a plain nested dict of arrays, and `encode` merges them back in a pure function.
-Dropout randomness is an explicit key (derived per layer and per site with `fold_in`), so the same key
-always reproduces the same masks, which gradient caching relies on.
+Dropout randomness is an explicit key (row key, then fold_in(row_key, layer), then fold_in(., site)),
+so the same key always reproduces the same masks, which gradient caching relies on.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from piccolo_jax import attention
 from piccolo_jax.model_config import ModelConfig
 
 Params = dict[str, Any]
@@ -195,37 +208,24 @@ class Dense(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, std = cfg.hidden_size, cfg.initializer_range
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.probs_dropout = cfg.attention_probs_dropout_prob
+        self.cfg = cfg
         self.query = Dense(d, d, ("embed", "heads"), std, rngs)
         self.key = Dense(d, d, ("embed", "heads"), std, rngs)
         self.value = Dense(d, d, ("embed", "heads"), std, rngs)
         self.output = Dense(d, d, ("heads", "embed"), std, rngs)
 
-    def __call__(self, x_btd, valid_bt, key) -> jax.Array:
-        b, t, d = x_btd.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
+    def __call__(self, x_btd, valid_bt, lengths_b, key) -> jax.Array:
+        cfg, (b, t, d) = self.cfg, x_btd.shape
+        split = lambda y: y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
         q_btnh, k_btnh, v_btnh = split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd))
-        probs_key = _fold(key, _SITE_ATTN_PROBS)
-        dropout = probs_key is not None and self.probs_dropout > 0.0
-        if not dropout and jax.default_backend() == "gpu":
-            # Fused attention: cuDNN flash attention when the dtypes allow it.
-            o_btnh = jax.nn.dot_product_attention(q_btnh, k_btnh, v_btnh, mask=valid_bt[:, None, None, :])
-            return self.output(o_btnh.reshape(b, t, d))
-        # Explicit attention (CPU, TPU, and attention-probability dropout, which the fused call lacks).
-        # Heads-major layout [B, N, T, H] for both products, the 1/sqrt(H) scale folded into q and the
-        # padding mask as an additive row bias. On XLA:CPU the attention block alone measured 1.3-2.3x
-        # faster than jax.nn.dot_product_attention forward and 1.4-1.8x forward + backward (B 32, T 64
-        # and 128, 12 heads); its forward then compiles to a single fused kernel.
-        q_bnth = jnp.swapaxes(q_btnh * jnp.asarray(self.head_dim ** -0.5, q_btnh.dtype), 1, 2)
-        k_bnsh, v_bnsh = jnp.swapaxes(k_btnh, 1, 2), jnp.swapaxes(v_btnh, 1, 2)
-        s_bnts = jnp.einsum("bnth,bnsh->bnts", q_bnth, k_bnsh, preferred_element_type=jnp.float32)
-        bias_b11s = jnp.where(valid_bt, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-        p_bnts = jax.nn.softmax(s_bnts + bias_b11s, axis=-1)
-        if dropout:
-            p_bnts = _dropout(p_bnts, self.probs_dropout, probs_key)
-        o_bnth = jnp.einsum("bnts,bnsh->bnth", p_bnts.astype(v_bnsh.dtype), v_bnsh)
-        return self.output(jnp.swapaxes(o_bnth, 1, 2).reshape(b, t, d))
+        if attention.attention_path(cfg, training=key is not None) == "cudnn":
+            o_btnh = attention.fused_attention(q_btnh, k_btnh, v_btnh, lengths_b, valid_bt)
+        else:
+            probs_key = _fold(key, _SITE_ATTN_PROBS)
+            rate = cfg.attention_probs_dropout_prob
+            drop = None if probs_key is None or rate <= 0.0 else (lambda p: _dropout(p, rate, probs_key))
+            o_btnh = attention.explicit_attention(q_btnh, k_btnh, v_btnh, valid_bt, drop)
+        return self.output(o_btnh.reshape(b, t, d))
 
 
 class Layer(nnx.Module):
@@ -240,19 +240,47 @@ class Layer(nnx.Module):
         self.ffn_out = Dense(f, d, ("mlp", "embed"), std, rngs)
         self.ffn_norm = LayerNorm(d, cfg.layer_norm_eps)
 
-    def __call__(self, x_btd, valid_bt, key):
-        a_btd = _dropout(self.attention(x_btd, valid_bt, key), self.hidden_dropout, _fold(key, _SITE_ATTN_OUT))
+    def __call__(self, x_btd, valid_bt, lengths_b, key):
+        a_btd = _dropout(self.attention(x_btd, valid_bt, lengths_b, key), self.hidden_dropout,
+                         _fold(key, _SITE_ATTN_OUT))
         x_btd = self.attention_norm(x_btd + a_btd)
         h_btf = _gelu(self.ffn_in(x_btd))
         h_btd = _dropout(self.ffn_out(h_btf), self.hidden_dropout, _fold(key, _SITE_FFN_OUT))
         return self.ffn_norm(x_btd + h_btd)
 
 
-def _run_layer(layer: Layer, x_btd, valid_bt, key):
-    return layer(x_btd, valid_bt, key)
+def stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> Layer:
+    """L blocks as one `Layer` whose parameters carry a leading [L] axis named "layers" (own init per block)."""
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs: nnx.Rngs) -> Layer:
+        return Layer(cfg, layer_rngs)
+    return make(rngs)
 
 
-_run_layer_remat = nnx.remat(_run_layer)
+_REMAT_POLICIES = {
+    "full": None,  # nothing saveable: only the scan carry (each block's input) is kept
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(layers: Layer, x_btd, valid_bt, lengths_b, keys_b, remat: str) -> jax.Array:
+    """x -> block_{L-1}(... block_0(x)) as one lax.scan over the stacked parameters.
+
+    Block i draws its dropout masks from fold_in(row_key, i), exactly as L separate blocks would.
+    """
+    graphdef, stacked = nnx.split(layers)
+    n = jax.tree.leaves(stacked)[0].shape[0]
+
+    def block(x_btd, xs):
+        state, i = xs
+        return nnx.merge(graphdef, state)(x_btd, valid_bt, lengths_b, _fold(keys_b, i)), None
+
+    if remat != "none":
+        block = jax.checkpoint(block, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+    x_btd, _ = jax.lax.scan(block, x_btd, (stacked, jnp.arange(n, dtype=jnp.int32)))
+    return x_btd
 
 
 class BertEncoder(nnx.Module):
@@ -261,7 +289,7 @@ class BertEncoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, rngs)
-        self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.layers = stacked_layers(cfg, rngs)
         if cfg.add_pooler:
             self.pooler = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), cfg.initializer_range,
                                 rngs)
@@ -276,9 +304,8 @@ class BertEncoder(nnx.Module):
         if keys_b is not None and keys_b.ndim == 0:  # one key for the batch: derive row keys 0..B-1
             keys_b = row_keys(keys_b, jnp.arange(input_ids_bt.shape[0]))
         x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, _fold(keys_b, _EMBED_KEY_INDEX))
-        run = _run_layer_remat if cfg.remat else _run_layer
-        for i, layer in enumerate(self.layers):
-            x_btd = run(layer, x_btd, valid_bt, _fold(keys_b, i))
+        lengths_b = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)  # right padding: the fused kernel's lengths
+        x_btd = scan_layers(self.layers, x_btd, valid_bt, lengths_b, keys_b, cfg.remat)
         out = {"last_hidden_state": x_btd}
         out["embeddings"] = pool(x_btd, valid_bt, cfg.pooling, cfg.normalize)
         if with_pooler and cfg.add_pooler:

@@ -9,6 +9,9 @@ from typing import Any
 
 POOLINGS = ("mean", "cls", "none")
 DTYPES = ("float32", "bfloat16")
+# Rematerialisation of the scanned blocks in the backward pass (see piccolo_jax.model).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+ATTENTION = ("auto", "cudnn", "explicit")  # see piccolo_jax.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +34,10 @@ class ModelConfig:
     pooling: str = "mean"  # sentence embedding: "mean" over non-padding tokens (piccolo), "cls", or "none"
     normalize: bool = True  # L2-normalise the sentence embedding
     compute_dtype: str = "float32"  # compute dtype; parameters stay float32; pooling/logits always float32
-    remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # Backward-pass recomputation of each block: "none", "full" (keep only each block's input; least
+    # memory), "dots_saveable", "dots_with_no_batch_dims_saveable". true / false read as "full" / "none".
+    remat: str | bool = "none"
+    attention: str = "auto"  # "auto" (cuDNN fused where it can run, else explicit), "cudnn" or "explicit"
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -43,6 +49,12 @@ class ModelConfig:
             raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLINGS}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected one of {DTYPES}")
+        if isinstance(self.remat, bool):  # the former boolean field: true = rematerialise every block
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES} (or true / false)")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}; expected one of {ATTENTION}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) <= 0:
@@ -93,8 +105,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """transformers BertConfig fields (plus our pooling fields, which transformers ignores)."""
         d = dataclasses.asdict(self)
-        d.pop("remat")
-        d.pop("compute_dtype")
+        for runtime_only in ("remat", "compute_dtype", "attention"):
+            d.pop(runtime_only)
         d.update(
             model_type="bert",
             architectures=["BertModel"],

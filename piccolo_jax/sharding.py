@@ -31,7 +31,9 @@ BATCH_AXES = (DATA, FSDP)  # the global batch is split over both data-parallel a
 STRATEGIES = ("dp", "zero1", "fsdp")
 
 # Logical parameter axes (declared in model.py) -> mesh axes, per strategy. None = replicated.
-_TENSOR_RULES = {"heads": TENSOR, "mlp": TENSOR, "vocab": TENSOR}
+# "layers" (the leading [L] axis of the stacked blocks, scanned over) is never sharded: every device runs
+# every layer, so splitting it would move whole layers between devices at each scan step.
+_TENSOR_RULES = {"heads": TENSOR, "mlp": TENSOR, "vocab": TENSOR, "layers": None}
 LOGICAL_RULES: dict[str, dict[str, str | None]] = {
     "dp": dict(_TENSOR_RULES),
     "zero1": dict(_TENSOR_RULES),

@@ -93,7 +93,7 @@ def test_fp16_bin_with_prefix_and_old_names(tmp_path):
     assert convert_main(["hf2jax", str(tmp_path / "src"), str(tmp_path / "jax")]) == 0
     cfg, params = load_model_dir(tmp_path / "jax")
     assert cfg.add_pooler and cfg.hidden_size == 32
-    got = np.asarray(params["layers"][1]["ffn_in"]["kernel"])
+    got = np.asarray(params["layers"]["ffn_in"]["kernel"][1])  # layers stacked on a leading axis
     want = model.state_dict()["encoder.layer.1.intermediate.dense.weight"].half().float().numpy().T
     assert got.dtype == np.float32 and np.array_equal(got, want)
     assert convert_main(["jax2hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
@@ -147,10 +147,29 @@ def test_config_that_does_not_match_weights(tmp_path, capsys):
     src = _copy_minilm(tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
-    _assert_fails_cleanly(capsys, src, tmp_path / "out", "unexpected tensors", "encoder.layer.4.")
+    _assert_fails_cleanly(capsys, src, tmp_path / "out", "num_hidden_layers=4", "the weights have 6 layers",
+                          "encoder.layer.5")
     (src / "config.json").write_text(json.dumps({**cfg, "vocab_size": 21128}))
     _assert_fails_cleanly(capsys, src, tmp_path / "out2", "embeddings.word_embeddings.weight", "(30522, 384)",
                           "(21128, 384)")
+
+
+def test_absurd_layer_count_is_refused_before_anything_is_built(tmp_path, capsys):
+    """The layer count is read from the tensor names: a config of 10^6 layers fails at once, allocating nothing."""
+    import time
+
+    src = _copy_minilm(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1_000_000}))
+    t0 = time.perf_counter()
+    _assert_fails_cleanly(capsys, src, tmp_path / "out", "num_hidden_layers=1000000", "the weights have 6 layers")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_missing_middle_layer_is_named(tmp_path, capsys):
+    src = _copy_minilm(tmp_path / "src")
+    _rewrite(src, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("encoder.layer.3.")]])
+    _assert_fails_cleanly(capsys, src, tmp_path / "out", "missing tensor", "encoder.layer.3.")
 
 
 def test_existing_output_is_not_clobbered(tmp_path, capsys):

@@ -105,9 +105,82 @@ def test_dropout_key_determinism_and_remat_gradients():
     assert loss(params, jax.random.key(8), cfg) != a  # dropout is really on
     assert loss(params, None, cfg) != a
     g = jax.grad(loss)(params, k, cfg)
-    g_remat = jax.grad(loss)(params, k, cfg.replace(remat=True))
-    for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    for policy in ("full", "dots_saveable", "dots_with_no_batch_dims_saveable"):
+        g_remat = jax.grad(loss)(params, k, cfg.replace(remat=policy))
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(g_remat)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7, err_msg=policy)
+
+
+def _reference_with_dropout(cfg, params, ids, mask, key):
+    """BERT with dropout written out per layer (unrolled, jax.random.bernoulli masks, jax.nn.gelu), keyed
+    as documented: row r -> fold_in(key, r); embeddings fold_in(row, 1_000_000); layer i fold_in(row, i),
+    then sites 0 (attention probabilities), 1 (attention output), 2 (FFN output)."""
+    rate_h, rate_a = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
+    rows = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(ids.shape[0]))
+
+    def drop(x, rate, keys):
+        keep = jax.vmap(lambda k, r: jax.random.bernoulli(k, 1 - rate, r.shape))(keys, x)
+        return jnp.where(keep, x / (1 - rate), 0)
+
+    def fold(keys, i):
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+
+    def ln(x, p):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + cfg.layer_norm_eps) * p["scale"] + p["bias"]
+
+    e = params["embeddings"]
+    t = ids.shape[1]
+    x = e["word"]["embedding"][ids] + e["position"]["embedding"][:t] + e["token_type"]["embedding"][0]
+    x = drop(ln(x, e["norm"]), rate_h, fold(rows, 1_000_000))
+    n, h = cfg.num_attention_heads, cfg.head_dim
+    for i in range(cfg.num_hidden_layers):
+        lp = jax.tree.map(lambda a: a[i], params["layers"])
+        keys = fold(rows, i)
+        dense = lambda y, p: y @ p["kernel"] + p["bias"]  # noqa: E731
+        heads = lambda y: y.reshape(*y.shape[:2], n, h)  # noqa: E731
+        at = lp["attention"]
+        q, k_, v = heads(dense(x, at["query"])), heads(dense(x, at["key"])), heads(dense(x, at["value"]))
+        s = jnp.einsum("bqnh,bknh->bnqk", q, k_) / np.sqrt(h) + jnp.where(mask[:, None, None, :] > 0, 0, -1e30)
+        probs = drop(jax.nn.softmax(s, axis=-1), rate_a, fold(keys, 0))
+        o = jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(x.shape)
+        x = ln(x + drop(dense(o, at["output"]), rate_h, fold(keys, 1)), lp["attention_norm"])
+        f = dense(jax.nn.gelu(dense(x, lp["ffn_in"]), approximate=False), lp["ffn_out"])
+        x = ln(x + drop(f, rate_h, fold(keys, 2)), lp["ffn_norm"])
+    return x
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_draw_the_documented_dropout_masks(remat):
+    """Same outputs as an unrolled per-layer reference whose masks come from jax.random with the documented keys."""
+    cfg = ModelConfig(**TINY, remat=remat)
+    params = init_params(cfg, jax.random.key(1))
+    ids, mask, _ = _batch(np.random.default_rng(5))
+    key = jax.random.key(11)
+    ours = jax.jit(lambda p: encode(cfg, p, ids, mask, dropout_key=key)["last_hidden_state"])(params)
+    ref = _reference_with_dropout(cfg, params, jnp.asarray(ids), jnp.asarray(mask), key)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=0)
+    no_dropout = encode(cfg, params, ids, mask)["last_hidden_state"]
+    assert np.abs(np.asarray(no_dropout) - np.asarray(ref)).max() > 0.1  # the masks matter
+
+
+def test_remat_policy_names_and_legacy_booleans():
+    assert ModelConfig(**TINY, remat=True).remat == "full"
+    assert ModelConfig(**TINY, remat=False).remat == "none"
+    assert ModelConfig(**TINY).replace(remat="dots_saveable").remat == "dots_saveable"
+    with pytest.raises(ValueError, match="remat='everything'"):
+        ModelConfig(**TINY, remat="everything")
+    with pytest.raises(ValueError, match="attention='flash'"):
+        ModelConfig(**TINY, attention="flash")
+    assert "remat" not in ModelConfig(**TINY).to_hf_dict() and "attention" not in ModelConfig(**TINY).to_hf_dict()
+
+
+def test_shipped_configs_with_remat_true_read_as_full():
+    from piccolo_jax.config import load_config
+    from piccolo_jax.resources import find_config
+
+    for recipe in ("pretrain", "finetune"):
+        assert load_config(find_config(recipe), recipe).model.remat == "full"
 
 
 def test_every_parameter_has_logical_axes_and_presets_have_piccolo_shapes():
@@ -116,6 +189,10 @@ def test_every_parameter_has_logical_axes_and_presets_have_piccolo_shapes():
     assert len(shapes) == len(names)
     for s, n in zip(shapes, names):
         assert len(n) == len(s.shape) and all(isinstance(a, str) for a in n)
+    layer_names = jax.tree.leaves(logical["layers"], is_leaf=lambda x: isinstance(x, tuple))
+    assert len(layer_names) == 16 and all(n[0] == "layers" for n in layer_names)  # stacked: [L, ...]
+    assert all(s.shape[0] == 12 for s in jax.tree.leaves(abstract["layers"]))
+    assert abstract["layers"]["ffn_in"]["kernel"].shape == (12, 768, 3072)
     n_params = sum(int(np.prod(s.shape)) for s in shapes)
     assert 101_000_000 < n_params < 103_000_000  # piccolo-base-zh: ~102 M
     assert abstract["embeddings"]["word"]["embedding"].shape == (21128, 768)
@@ -129,6 +206,18 @@ def test_params_to_hf_inverts_hf_to_params():
     assert set(back) == set(ref)
     for k, v in back.items():
         assert np.array_equal(v, ref[k].numpy()), k
+
+
+def test_layers_axis_is_never_sharded():
+    from piccolo_jax import sharding
+
+    _, abstract, logical = abstract_model(ModelConfig(**{**TINY, "num_hidden_layers": 8}))
+    mesh = jax.make_mesh((1, 4, 2), sharding.MESH_AXES, devices=jax.devices()[:8])
+    for strategy in sharding.STRATEGIES:
+        specs = sharding.param_specs(abstract, logical, mesh, strategy)
+        for spec in jax.tree.leaves(specs["layers"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+            assert len(spec) == 0 or spec[0] is None, (strategy, spec)  # 8 layers would divide fsdp=4
+    assert sharding.LOGICAL_RULES["fsdp"]["layers"] is None
 
 
 def test_config_mismatch_is_refused():

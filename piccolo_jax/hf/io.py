@@ -81,7 +81,7 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ mapping
 def _set(tree: dict, path: str, value: Any) -> None:
-    keys = [int(k) if k.isdigit() else k for k in path.split("/")]
+    keys = path.split("/")
     for k in keys[:-1]:
         tree = tree.setdefault(k, {})
     tree[keys[-1]] = value
@@ -89,7 +89,7 @@ def _set(tree: dict, path: str, value: Any) -> None:
 
 def _get(tree: dict, path: str) -> Any:
     for k in path.split("/"):
-        tree = tree[int(k) if k.isdigit() else k]
+        tree = tree[k]
     return tree
 
 
@@ -105,30 +105,53 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return flat
 
 
+def _check_layer_count(canonical_names, cfg: ModelConfig, source: str) -> None:
+    """config.json's num_hidden_layers against the `encoder.layer.{i}.` indices present, before any build."""
+    present = name_table.layer_indices(canonical_names)
+    n = max(present) + 1 if present else 0
+    if n != cfg.num_hidden_layers:
+        found = f"encoder.layer.0 ... encoder.layer.{n - 1}" if n else "no encoder.layer.* tensors"
+        raise ConversionError(f"{source}: config.json has num_hidden_layers={cfg.num_hidden_layers} but the "
+                              f"weights have {n} layers ({found}); does config.json match the weights?")
+
+
 def hf_to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str = "checkpoint"
                  ) -> tuple[dict, dict[str, int]]:
-    """Map HF tensors onto our tree. Returns (params, report) where report counts ignored tensors."""
+    """Map HF tensors onto our tree (layers stacked). Returns (params, report counting ignored tensors)."""
     canon: dict[str, str] = {}
     for name in tensors:
         c = name_table.canonical_hf_name(name)
         if c in canon:
             raise ConversionError(f"{source}: tensors {canon[c]!r} and {name!r} both map to {c!r}")
         canon[c] = name
+    _check_layer_count(canon, cfg, source)
     expected = _expected_shapes(cfg)
-    params: dict = {}
+    stacked: dict[str, list] = {}
+    flat: dict[str, np.ndarray] = {}
     used: set[str] = set()
-    for hf_name, ours, hook in name_table.table(cfg):
+    for hf_name, ours, layer, hook in name_table.table(cfg):
+        shape = expected[ours] if layer is None else expected[ours][1:]  # one layer of a stacked array
         if hf_name not in canon:
-            raise ConversionError(f"{source}: missing tensor {hf_name!r} (needed for {ours}, shape "
-                                  f"{expected[ours]}); does config.json match the weights?")
+            raise ConversionError(f"{source}: missing tensor {hf_name!r} (needed for {ours}"
+                                  f"{'' if layer is None else f'[{layer}]'}, shape {shape}); does config.json "
+                                  "match the weights?")
         raw = tensors[canon[hf_name]]
         value = hook(raw)
-        if value.shape != expected[ours]:
+        if value.shape != shape:
             raise ConversionError(
                 f"{source}: tensor {hf_name!r} has shape {tuple(raw.shape)}, expected "
-                f"{_hf_shape(expected[ours], hook)} from config.json (ours {ours}: {expected[ours]})")
-        _set(params, ours, np.asarray(value, dtype=np.float32))
+                f"{_hf_shape(shape, hook)} from config.json (ours {ours}: {expected[ours]})")
+        value = np.asarray(value, dtype=np.float32)
+        if layer is None:
+            flat[ours] = value
+        else:
+            stacked.setdefault(ours, [None] * cfg.num_hidden_layers)[layer] = value
         used.add(hf_name)
+    params: dict = {}
+    for ours, value in flat.items():
+        _set(params, ours, value)
+    for ours, layers in stacked.items():
+        _set(params, ours, np.stack(layers))
     report = {"ignored_buffers": 0, "ignored_head_tensors": 0}
     unexpected = []
     for c, original in canon.items():
@@ -159,9 +182,13 @@ def _check_position_ids(buf: np.ndarray, source: str) -> None:
 
 def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Inverse mapping: our tree -> HF `BertModel` state dict (float32, contiguous, no prefix)."""
-    out = {}
-    for hf_name, ours, hook in name_table.table(cfg):
-        value = np.asarray(_get(params, ours), dtype=np.float32)
+    out, arrays = {}, {}
+    for hf_name, ours, layer, hook in name_table.table(cfg):
+        if ours not in arrays:  # one host copy per (stacked) array
+            arrays[ours] = np.asarray(_get(params, ours), dtype=np.float32)
+        value = arrays[ours]
+        if layer is not None:
+            value = value[layer]  # layer i of the stacked [L, ...] array
         out[hf_name] = np.ascontiguousarray(hook(value))  # transpose is its own inverse
     return out
 

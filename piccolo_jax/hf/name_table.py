@@ -1,6 +1,8 @@
 """Declarative map between Hugging Face `BertModel` tensor names and our parameter tree.
 
-Each row: (HF name pattern, our path pattern, hook). `{i}` stands for the layer index. Hooks are tiny
+Each row: (HF name pattern, our path, hook). `{i}` stands for the layer index: HF keeps one tensor per
+layer (`encoder.layer.3.output.dense.weight` [D, F]), we keep the L layers stacked on a leading axis
+(`layers/ffn_out/kernel` [L, F, D]), so layer i of a `LAYER` row is row i of our array. Hooks are tiny
 shape-asserting transforms: torch `nn.Linear` stores weight as [out, in], we store kernel as [in, out].
 Everything that is not in the table is an error naming the tensor, except the explicit `IGNORED` buffers
 and heads, which are reported.
@@ -9,7 +11,7 @@ and heads, which are reported.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -37,22 +39,22 @@ EMBEDDINGS = [
     ("embeddings.LayerNorm.bias", "embeddings/norm/bias", identity),
 ]
 LAYER = [
-    ("encoder.layer.{i}.attention.self.query.weight", "layers/{i}/attention/query/kernel", transpose),
-    ("encoder.layer.{i}.attention.self.query.bias", "layers/{i}/attention/query/bias", identity),
-    ("encoder.layer.{i}.attention.self.key.weight", "layers/{i}/attention/key/kernel", transpose),
-    ("encoder.layer.{i}.attention.self.key.bias", "layers/{i}/attention/key/bias", identity),
-    ("encoder.layer.{i}.attention.self.value.weight", "layers/{i}/attention/value/kernel", transpose),
-    ("encoder.layer.{i}.attention.self.value.bias", "layers/{i}/attention/value/bias", identity),
-    ("encoder.layer.{i}.attention.output.dense.weight", "layers/{i}/attention/output/kernel", transpose),
-    ("encoder.layer.{i}.attention.output.dense.bias", "layers/{i}/attention/output/bias", identity),
-    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers/{i}/attention_norm/scale", identity),
-    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers/{i}/attention_norm/bias", identity),
-    ("encoder.layer.{i}.intermediate.dense.weight", "layers/{i}/ffn_in/kernel", transpose),
-    ("encoder.layer.{i}.intermediate.dense.bias", "layers/{i}/ffn_in/bias", identity),
-    ("encoder.layer.{i}.output.dense.weight", "layers/{i}/ffn_out/kernel", transpose),
-    ("encoder.layer.{i}.output.dense.bias", "layers/{i}/ffn_out/bias", identity),
-    ("encoder.layer.{i}.output.LayerNorm.weight", "layers/{i}/ffn_norm/scale", identity),
-    ("encoder.layer.{i}.output.LayerNorm.bias", "layers/{i}/ffn_norm/bias", identity),
+    ("encoder.layer.{i}.attention.self.query.weight", "layers/attention/query/kernel", transpose),
+    ("encoder.layer.{i}.attention.self.query.bias", "layers/attention/query/bias", identity),
+    ("encoder.layer.{i}.attention.self.key.weight", "layers/attention/key/kernel", transpose),
+    ("encoder.layer.{i}.attention.self.key.bias", "layers/attention/key/bias", identity),
+    ("encoder.layer.{i}.attention.self.value.weight", "layers/attention/value/kernel", transpose),
+    ("encoder.layer.{i}.attention.self.value.bias", "layers/attention/value/bias", identity),
+    ("encoder.layer.{i}.attention.output.dense.weight", "layers/attention/output/kernel", transpose),
+    ("encoder.layer.{i}.attention.output.dense.bias", "layers/attention/output/bias", identity),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "layers/attention_norm/scale", identity),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "layers/attention_norm/bias", identity),
+    ("encoder.layer.{i}.intermediate.dense.weight", "layers/ffn_in/kernel", transpose),
+    ("encoder.layer.{i}.intermediate.dense.bias", "layers/ffn_in/bias", identity),
+    ("encoder.layer.{i}.output.dense.weight", "layers/ffn_out/kernel", transpose),
+    ("encoder.layer.{i}.output.dense.bias", "layers/ffn_out/bias", identity),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "layers/ffn_norm/scale", identity),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "layers/ffn_norm/bias", identity),
 ]
 POOLER = [
     ("pooler.dense.weight", "pooler/kernel", transpose),
@@ -64,14 +66,29 @@ IGNORED_BUFFERS = ("embeddings.position_ids",)  # arange(max_positions) buffer o
 IGNORED_HEAD_PREFIXES = ("cls.",)  # BertForPreTraining's MLM / NSP heads (e.g. bert-base-chinese)
 
 
-def table(cfg: ModelConfig) -> list[tuple[str, str, Hook]]:
-    """Every (HF name, our path, hook) for this config, layers expanded."""
-    rows = list(EMBEDDINGS)
+class Row(NamedTuple):
+    hf: str  # HF tensor name
+    ours: str  # path in our parameter tree
+    layer: int | None  # index on our leading "layers" axis (None: not a per-layer tensor)
+    hook: Hook
+
+
+def table(cfg: ModelConfig) -> list[Row]:
+    """Every HF tensor of this config with where it goes, layers expanded (L x 16 layer rows)."""
+    rows = [Row(hf, ours, None, hook) for hf, ours, hook in EMBEDDINGS]
     for i in range(cfg.num_hidden_layers):
-        rows += [(hf.format(i=i), ours.format(i=i), hook) for hf, ours, hook in LAYER]
+        rows += [Row(hf.format(i=i), ours, i, hook) for hf, ours, hook in LAYER]
     if cfg.add_pooler:
-        rows += POOLER
+        rows += [Row(hf, ours, None, hook) for hf, ours, hook in POOLER]
     return rows
+
+
+_LAYER_INDEX = re.compile(r"^encoder\.layer\.(\d+)\.")
+
+
+def layer_indices(canonical_names) -> set[int]:
+    """The i of every `encoder.layer.{i}.` tensor name (canonical names, see `canonical_hf_name`)."""
+    return {int(m.group(1)) for m in map(_LAYER_INDEX.match, canonical_names) if m}
 
 
 _OLD_LN = re.compile(r"LayerNorm\.(gamma|beta)$")
