@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 from piccolo_jax.data.config import RECORD_FORMATS
 from piccolo_jax.data.records import BadRecord
@@ -53,6 +54,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--workers, --shard-bytes and --max-record-bytes must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
+    try:
+        import array_record.python.array_record_module  # noqa: F401
+        import tensorflow_datasets  # noqa: F401
+    except ImportError as e:
+        print(f"error: prepare needs tensorflow-datasets and array-record ({e}); "
+              f"pip install 'piccolo-jax[tfds]'", file=sys.stderr)
+        return 1
     from piccolo_jax.data.discovery import DatasetPathError
     from piccolo_jax.data.prepare import PrepareError, PrepareOptions, prepare
 
@@ -73,6 +81,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool as e:
+        print(f"error: a worker process died ({e}); out of memory? try fewer --workers", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
     built = sum(o.records for o in outcomes if o.action != "reused")

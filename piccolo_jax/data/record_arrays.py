@@ -25,6 +25,7 @@ description {name: {"dtype", "constant"}}.
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -71,11 +72,12 @@ def record_bounds(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, np
 
 
 class RecordStats:
-    """Accumulates the per-record arrays in chunks; `arrays()` returns them narrowed."""
+    """Accumulates the per-record arrays chunk by chunk into growing uint16 buffers (2 bytes a value,
+    no list of pieces to concatenate); `arrays()` returns them narrowed."""
 
     def __init__(self):
         self._pending: list[Record] = []
-        self._parts: list[tuple[np.ndarray, ...]] = []
+        self._values = tuple(array("H") for _ in ARRAY_NAMES)
 
     def add(self, record: Record) -> None:
         self._pending.append(record)
@@ -85,16 +87,13 @@ class RecordStats:
     def _flush(self) -> None:
         records, self._pending = self._pending, []
         if records:
-            self._parts.append(tuple(np.minimum(a, CAP).astype(np.uint16) for a in record_bounds(records)))
+            for values, new in zip(self._values, record_bounds(records)):
+                values.frombytes(np.minimum(new, CAP).astype(np.uint16).tobytes())
 
     def clipped(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The three arrays clipped at CAP, uint16 (before narrowing)."""
+        """The three arrays clipped at CAP, uint16 (before narrowing); views of the buffers."""
         self._flush()
-        if not self._parts:
-            return tuple(np.zeros(0, np.uint16) for _ in ARRAY_NAMES)
-        if len(self._parts) > 1:
-            self._parts = [tuple(np.concatenate([p[i] for p in self._parts]) for i in range(3))]
-        return self._parts[0]
+        return tuple(np.frombuffer(values, np.uint16) for values in self._values)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(query_bounds, passage_bounds, num_negatives), each [N], narrowed (see module doc)."""

@@ -6,10 +6,11 @@ their arithmetic and dtypes) and reads records back on demand with `records(ids)
 
 * JSONL: opening reads the file once; every line is parsed and validated, and per good record the
   byte offset (int64), length (uint32) and line number (uint32) are kept: 16 bytes a record plus the
-  2..4 of the arrays, so 400 M records cost ~7.5 GB per host and an hour of parsing (see
-  benchmarks/bench_data_scale.py). Lines are read back with `os.pread`.
+  2..4 of the arrays. Measured (benchmarks/bench_data_scale.py): 7.6 us a record, so 400 M records
+  take ~50 minutes and 7.2 GB (+ allocator slack) per host. Lines are read back with `os.pread`.
 * TFDS (written by `piccolo-jax prepare`): opening reads the metadata and memory-maps the arrays;
-  nothing per record is read or held (see tfds_store for the shard index the reader keeps).
+  nothing per record is read or held: 0.03 s for 4 datasets of 5 M records. Reading adds the shard
+  readers' index, ~1.1 bytes a record (see tfds_store).
 
 Which paths are datasets is decided by piccolo_jax.data.discovery (re-exported here).
 """
@@ -79,7 +80,8 @@ class JsonlSource(Source):
         self.path = path
         self.name = jsonl_stem(path)
         self.record_format = record_format
-        offsets, lengths, lines = array("q"), array("I" if max_record_bytes < 1 << 32 else "q"), array("q")
+        # growing buffers of 8 + 4 + 4 bytes a record ("I" is 4 bytes; a line past 2**32 widens to "q")
+        offsets, lengths, lines = array("q"), array("I" if max_record_bytes < 1 << 32 else "q"), array("I")
         stats, bad = record_arrays.RecordStats(), BadRecords(path)
         with open(path, "rb") as f:
             for offset, length, line_no, record in scan_lines(
@@ -87,13 +89,13 @@ class JsonlSource(Source):
                     bad=bad if skip_bad_records else None, hint=skip_hint):
                 offsets.append(offset)
                 lengths.append(length)
+                if line_no >= 1 << 32 and lines.typecode == "I":
+                    lines = array("q", lines)
                 lines.append(line_no)
                 stats.add(record)
         self._offsets = np.frombuffer(offsets, np.int64)
         self._lengths = np.frombuffer(lengths, np.uint32 if lengths.typecode == "I" else np.int64)
-        line_numbers = np.frombuffer(lines, np.int64)
-        fits = not len(line_numbers) or line_numbers[-1] < 1 << 32
-        self.line_numbers = line_numbers.astype(np.uint32) if fits else line_numbers  # 1-based, good lines
+        self.line_numbers = np.frombuffer(lines, np.uint32 if lines.typecode == "I" else np.int64)  # 1-based
         self.query_bounds, self.passage_bounds, self.num_negatives = stats.arrays()
         self._fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
@@ -110,10 +112,14 @@ class TfdsSource(Source):
 
     def __init__(self, path: str, split: str = "train"):
         super().__init__()
-        from piccolo_jax.data import tfds_store  # imports tensorflow_datasets
+        from piccolo_jax.data import tfds_store
 
         self.path = path
-        opened = tfds_store.open_dataset(path, split)
+        try:
+            opened = tfds_store.open_dataset(path, split)
+        except ImportError as e:
+            raise ImportError(f"{path}: reading a TFDS dataset needs tensorflow-datasets and array-record "
+                              f"({e}); pip install 'piccolo-jax[tfds]'") from e
         self.name, self._data = opened.name, opened.records
         self.query_bounds, self.passage_bounds, self.num_negatives = opened.arrays
         self._negatives_histogram = opened.negatives_histogram
