@@ -7,8 +7,10 @@ the JSONL loader's batches bit for bit, whatever the sharding and the number of 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -294,6 +296,39 @@ def test_failed_rebuild_keeps_the_previous_dataset(tmp_path):
     r = prepare("--output", out, "--workers", 2, "--shard-bytes", 500, src)  # fails in a late shard
     assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"error: {src}:56: malformed JSON")
     assert {p: (out / p).read_bytes() if (out / p).is_file() else None for p in _tree(out)} == before
+
+
+def test_killed_prepare_leaves_no_dataset_and_the_next_run_cleans_up(tmp_path):
+    src, out = tmp_path / "big.jsonl", tmp_path / "out"
+    _write_rows(src, [{"text": f"问题{i} " + "字" * 40, "text_pos": "答案" * 60} for i in range(150_000)])
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "scripts", "prepare_data.py"), "--output", str(out),
+                             "--workers", "1", str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob(".piccolo-tmp-big-*/parts/part-00000.array_record")):  # writing has begun
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+    leftovers = [p.name for p in out.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".piccolo-tmp-big-")  # no dataset directory
+    r = prepare("--output", out, "--workers", 1, src)
+    assert r.returncode == 0, r.stderr
+    assert f"WARNING removing {out / leftovers[0]}, left by an interrupted prepare" in r.stderr
+    assert "150000 records" in r.stdout and [p.name for p in out.iterdir()] == ["big"]
+
+
+def test_a_running_prepare_keeps_its_temporary_directory(tmp_path):
+    from piccolo_jax.data import prepare as prepare_lib
+
+    tmp, lock = prepare_lib._claim_tmp(str(tmp_path), "qa")  # as a running prepare holds it
+    prepare_lib.remove_stale_temporaries(str(tmp_path))
+    assert os.path.isdir(tmp)
+    os.close(lock)  # its process ended
+    prepare_lib.remove_stale_temporaries(str(tmp_path))
+    assert not os.path.exists(tmp)
 
 
 def test_bad_paths_exit_2_with_one_line(tmp_path):

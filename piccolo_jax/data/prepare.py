@@ -15,8 +15,9 @@ Each input file is one dataset, `OUT/<name>/1.0.0` with <name> = tfds_name(file 
    directory renamed into place (an old one renamed aside first, then deleted).
 
 All of it is built in OUT/.piccolo-tmp-<name>-<random>/ on the output's file system, so a bad record,
-an error or Ctrl-C leaves the output as it was (a SIGKILL leaves that hidden directory, which
-discovery skips with a warning). Bad input raises PrepareError or BadRecord, one line each: two
+an error or Ctrl-C leaves the output as it was. A SIGKILL leaves that hidden directory (discovery
+skips it with a warning); the next prepare into OUT deletes it, as its lock (flock, released by the
+kernel when its process dies) is free. Bad input raises PrepareError or BadRecord, one line each: two
 inputs with one dataset name (naming both), an empty or all-bad file, a bad record without
 skip_bad_records (the earliest in the file). Inputs finished before an error stay installed.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -303,9 +305,47 @@ def _install(inp: Input, scan: Scan, results: list[ShardResult], tmp: str, reaso
     return Outcome(inp.path, inp.out, "rebuilt" if reason else "built", reason, total, bad.count)
 
 
+def _claim_tmp(output: str, name: str) -> tuple[str, int]:
+    """A new OUT/.piccolo-tmp-<name>-<random>/ and an open descriptor holding its lock (flock), which
+    the kernel releases when this process ends in any way, so that a later run can tell it is stale."""
+    tmp = os.path.join(output, f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}")
+    os.makedirs(os.path.join(tmp, "parts"))
+    fd = os.open(os.path.join(tmp, ".lock"), os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return tmp, fd
+
+
+def remove_stale_temporaries(output: str) -> None:
+    """Delete the temporary directories of prepare runs that were killed (their lock is free)."""
+    if not os.path.isdir(output):
+        return
+    for entry in sorted(os.listdir(output)):
+        path = os.path.join(output, entry)
+        if not entry.startswith(TMP_PREFIX) or not os.path.isdir(path):
+            continue
+        try:
+            fd = os.open(os.path.join(path, ".lock"), os.O_RDWR)
+        except FileNotFoundError:  # killed before it took the lock
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another prepare is using it
+            continue
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log.warning("removing %s, left by an interrupted prepare", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _replace_dir(new: str, final: str) -> None:
     """Rename directory `new` to `final`, moving an existing `final` aside first and deleting it after."""
-    os.makedirs(os.path.dirname(final), exist_ok=True)
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    for entry in os.listdir(parent):  # left by a run killed between the two renames below
+        if entry.startswith(".piccolo-old-"):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     old = None
     if os.path.exists(final):
         old = os.path.join(os.path.dirname(final), f".piccolo-old-{secrets.token_hex(4)}")
@@ -350,9 +390,10 @@ def prepare(inputs: Sequence[str], output: str, options: PrepareOptions = Prepar
     target = shard_target(sum(i.size for i in plan), options)
     expected_shards = sum(max(1, math.ceil(i.size / target)) for i in plan)
     os.makedirs(output, exist_ok=True)
+    remove_stale_temporaries(output)
     done: dict[str, Outcome] = {}
     report = on_outcome or (lambda outcome: None)
-    temporaries: list[str] = []
+    temporaries: list[tuple[str, int]] = []  # (directory, descriptor holding its lock)
     workers = min(options.workers, expected_shards)
     pool = _executor(workers)
     try:
@@ -371,9 +412,8 @@ def prepare(inputs: Sequence[str], output: str, options: PrepareOptions = Prepar
         jobs: collections.deque = collections.deque()
         state = {}  # input path -> [input, scan, reason, tmp dir, shards left, results]
         for inp, scan, reason in todo:
-            tmp = os.path.join(output, f"{TMP_PREFIX}{inp.name}-{secrets.token_hex(4)}")
-            os.makedirs(os.path.join(tmp, "parts"))
-            temporaries.append(tmp)
+            tmp, lock = _claim_tmp(output, inp.name)
+            temporaries.append((tmp, lock))
             state[inp.path] = [inp, scan, reason, tmp, len(scan.shards), []]
             jobs.extend(ShardJob(inp.path, start, end, first, k, os.path.join(tmp, "parts"), options)
                         for k, (start, end, first) in enumerate(scan.shards))
@@ -408,5 +448,6 @@ def prepare(inputs: Sequence[str], output: str, options: PrepareOptions = Prepar
         return [done[i.path] for i in plan]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        for tmp in temporaries:
+        for tmp, lock in temporaries:
             shutil.rmtree(tmp, ignore_errors=True)
+            os.close(lock)
