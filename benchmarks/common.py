@@ -13,30 +13,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-# Matmul (tensor-core) peak of accelerators in dense TFLOP/s, by `device_kind` substring: (bf16, fp32).
-# fp32 of the NVIDIA parts is the non-tensor-core figure; TF32 tensor cores are not used (we ask for
-# "highest" precision in float32 and use bf16 for speed).
-PEAK_TFLOPS = {
-    "H200": (989.0, 67.0),
-    "H100": (989.0, 67.0),  # SXM; the PCIe part is 756 / 51
-    "A100": (312.0, 19.5),
-    "L4": (121.0, 30.3),
-    "A10": (125.0, 31.2),
-    "V100": (125.0, 15.7),
-    "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0),
-    "TPU v5e": (197.0, 197.0),
-    "TPU v5p": (459.0, 459.0),
-    "TPU v6": (918.0, 918.0),
-}
-
-
 def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
-    """Dense matmul peak for a device kind (None when unknown, e.g. a CPU)."""
-    for name, (bf16, fp32) in PEAK_TFLOPS.items():
-        if name.lower() in device_kind.lower():
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
+    """Dense matmul peak for a device kind in TFLOP/s (None when unknown, e.g. a CPU): the trainer's table."""
+    from piccolo_jax.accelerators import peak_flops
+
+    peak = peak_flops(device_kind, dtype)
+    return None if peak is None else peak / 1e12
 
 
 def timeit(fn: Callable[[], object], sync: Callable[[object], object] = lambda x: x) -> float:

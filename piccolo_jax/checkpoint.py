@@ -5,6 +5,11 @@ data loader's state after batch s, so a restart continues with batch s + 1 and t
 (the key of step s is fold_in(key(seed), s); the seed is in the config). Orbax writes each checkpoint
 to a temporary directory and renames it when complete, so a process killed during a save leaves the
 previous checkpoint intact; an unreadable latest checkpoint falls back to the one before, with a warning.
+
+A step is saved at most once (a periodic save and the save of a stop request can name the same step).
+A save that fails (read-only directory, full disk) raises `CheckpointError`: one line with the reason,
+the path and the last good checkpoint. Orbax reports such failures from its background threads, which
+may not finish afterwards: a process that got a CheckpointError should leave with `os._exit`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,23 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from piccolo_jax.run_dir import RunError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RunError):
+    """A checkpoint could not be written (or none of the existing ones could be read)."""
+
+
+def error_reason(e: BaseException) -> str:
+    """The cause of an I/O failure in one line: errno text and path for OSError, else the first line."""
+    while e.__cause__ is not None and not isinstance(e, OSError):
+        e = e.__cause__
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 class Checkpointer:
@@ -27,6 +48,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._last_started: int | None = None  # step of the latest save started
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -34,10 +56,32 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def saved_steps(self) -> list[int]:
+        """Steps whose checkpoint is complete on disk (Orbax renames a finished save to its step number)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def _failed(self, step: int, e: BaseException) -> CheckpointError:
+        done = [s for s in self.saved_steps() if s != step]
+        last = f"step {done[-1]} ({self.directory / str(done[-1])})" if done else "none"
+        return CheckpointError(f"saving the checkpoint of step {step} to {self.directory} failed: "
+                               f"{error_reason(e)}; last good checkpoint: {last}")
+
     def save(self, step: int, state: Any, loader_state: dict, force: bool = False) -> bool:
-        """Start an asynchronous save (returns at once); the previous save is finished first."""
+        """Start an asynchronous save (returns at once; the previous save is finished first).
+
+        Returns False, saving nothing, when `step` is already saved or being saved.
+        """
+        if step in self._manager.all_steps():
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state))
-        return self._manager.save(step, args=args, force=force)
+        try:
+            return self._manager.save(step, args=args, force=force)
+        except Exception as e:  # the previous async save failed, or this one could not start
+            raise self._failed(step if self._last_started is None else self._last_started, e) from None
+        finally:
+            self._last_started = step
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state, loader_state) of `step`; `abstract_state` carries the target shardings."""
@@ -51,21 +95,33 @@ class Checkpointer:
         A checkpoint that fails to restore (truncated file, corrupt metadata) is skipped with a warning
         and the one before it is tried.
         """
+        errors = []
         for step in reversed(self.steps()):
             try:
                 state, data = self.restore(step, abstract_state)
                 return step, state, data
             except Exception as e:  # Orbax / tensorstore raise many types for damaged files
+                errors.append((step, e))
                 log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                            self.directory, step, type(e).__name__, error_reason(e))
+        if errors:
+            step, e = errors[0]
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored (steps "
+                                  f"{[s for s, _ in errors]}); the latest, step {step}: {error_reason(e)}")
         return None
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the last save is on disk (raises CheckpointError if it failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(-1 if self._last_started is None else self._last_started, e) from None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -2,14 +2,20 @@
 
 A config file is TOML with one table per section (`[model]`, `[data]`, `[loss]`, `[optim]`,
 `[parallel]`, `[run]`) plus optional stage overlays (`[pretrain.data]`, `[finetune.loss]`, ...) that
-apply only to that stage. Unknown sections or keys, and values of the wrong type, are refused with the
-file and key named, before anything is compiled.
+apply only to that stage; `--set pretrain.optim.lr=1e-4` is the same overlay on the command line. Unknown
+sections or keys, and values of the wrong type, are refused with the file and key named, before anything
+is compiled, in the overlays of both stages (a typo in the stage not being run is still a typo).
+
+Paths (`tokenizer`, `init`, `data.paths`, `run.eval_path`) written in a config file are relative to that
+file's directory; on the command line (`--set`, `--init`) relative to the current directory. Both are made
+absolute when loaded, so WORKDIR/config.json names the files the run used. URLs (`gs://...`) are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tomllib
 import types
 import typing
@@ -23,6 +29,7 @@ from piccolo_jax.sharding import MeshConfig
 from piccolo_jax.train_step import LossConfig
 
 STAGES = ("pretrain", "finetune")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +45,30 @@ class RunConfig:
     eval_path: str = ""  # held-out retrieval set directory (corpus/queries/qrels); "" = none
     eval_every: int = 0  # steps between evaluations (0 = only at the end, if eval_path is set)
     progress_bar: bool = True  # tqdm bar on process 0
+    # Stop with exit code 1 after this many consecutive steps whose loss, gradient or update was not finite
+    # (each such step is skipped: parameters and optimizer state unchanged).
+    max_consecutive_skipped: int = 10
+    # Multi-host: a process that sends no heartbeat for this long is dead, and the others stop (exit 1).
+    heartbeat_timeout_s: int = 60
+    # Persistent XLA compilation cache: a restart (resume, preemption) reuses the compiled step instead of
+    # compiling again. "" = off. JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+    compilation_cache: str = "~/.cache/piccolo-jax/xla"
+    # GPU: deterministic reductions (--xla_gpu_deterministic_ops), so that a restart reproduces the run
+    # bit for bit (the embedding-gradient scatter-add is otherwise nondeterministic); a little slower.
+    deterministic: bool = False
+    # Precision of float32 matmuls: "default" (TF32 on NVIDIA GPUs, bf16 passes on TPU), "high", "highest"
+    # (true float32; what the 1e-5 parity claims assume). bfloat16 compute is unaffected.
+    matmul_precision: str = "default"
 
     def __post_init__(self):
-        for name in ("steps", "log_every", "save_every", "keep_checkpoints"):
+        for name in ("steps", "log_every", "save_every", "keep_checkpoints", "max_consecutive_skipped",
+                     "heartbeat_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"run.{name}={getattr(self, name)} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"run.eval_every={self.eval_every} must be >= 0")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"run.matmul_precision={self.matmul_precision!r}; expected one of {MATMUL_PRECISIONS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +76,9 @@ class TrainConfig:
     """Everything a run needs. The resolved config is written to WORKDIR/config.json."""
 
     stage: str = "pretrain"  # "pretrain" (weak pairs, in-batch loss) or "finetune" (triplets, GTE loss)
-    tokenizer: str = "assets/tokenizer"  # directory with tokenizer.json or vocab.txt
+    # Directory with tokenizer.json or vocab.txt. "" = the --init model's own tokenizer, or (random init) the
+    # bundled bert-base-chinese vocabulary (21,128 tokens, piccolo's).
+    tokenizer: str = ""
     init: str = ""  # HF directory, our model directory or a run directory; "" = random init
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -131,6 +157,51 @@ def _apply_section(current, cls, values: dict, where: str):
         raise ConfigError(f"{where}: {e}") from e
 
 
+# Fields that hold paths: (section or None, key). Relative values are resolved against a base directory.
+PATH_FIELDS = {(None, "tokenizer"), (None, "init"), ("data", "paths"), ("run", "eval_path")}
+
+
+def _absolute(value: str, base: Path) -> str:
+    if not value or "://" in value or os.path.isabs(value):
+        return value
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _resolve_paths(tree: dict, base: Path) -> dict:
+    """A copy of `tree` (one file table or override) with its path fields made absolute against `base`."""
+    out = dict(tree)
+    for section, key in PATH_FIELDS:
+        table = out if section is None else out.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue
+        if section is not None:
+            table = out[section] = dict(table)
+        value = table[key]
+        if isinstance(value, str):
+            table[key] = _absolute(value, base)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            table[key] = [_absolute(v, base) for v in value]
+    return out
+
+
+def _check_overlay(tree: dict, where: str) -> None:
+    """Keys and value types of an overlay for the stage not being run (it is not applied)."""
+    fields = _field_types(TrainConfig)
+    for key, value in tree.items():
+        if key not in fields or key == "stage":
+            raise ConfigError(f"{where}: unknown section or key {key!r}; known: {sorted(set(fields) - {'stage'})}")
+        if dataclasses.is_dataclass(fields[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{key}] must be a table")
+            types_ = _field_types(fields[key])
+            for k, v in value.items():
+                if k not in types_:
+                    raise ConfigError(f"{where}: {key}: unknown key {k!r}; known: {sorted(types_)}")
+                _coerce(v, types_[k], f"{where}: {key}.{k}")
+        else:
+            _coerce(value, fields[key], f"{where}: {key}")
+
+
 def _apply(cfg: TrainConfig, tree: dict, where: str) -> TrainConfig:
     fields = _field_types(TrainConfig)  # sections are the dataclass-typed fields, the rest are scalars
     top = {}
@@ -163,8 +234,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None, stage: str, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults <- file (shared tables, then the stage's overlay) <- `--set` overrides, all type-checked."""
+def load_config(path: str | Path | None, stage: str, overrides: list[str] = (),
+                base_dir: str | Path | None = None) -> TrainConfig:
+    """Defaults <- file (shared tables, then the stage's overlay) <- `--set` overrides, all type-checked.
+
+    Relative paths in the file are resolved against the file's directory; in `overrides` against
+    `base_dir` (default: the current directory).
+    """
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r}; expected one of {STAGES}")
     cfg = TrainConfig(stage=stage)
     if path is not None:
         path = Path(path)
@@ -172,18 +250,36 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] = ()) 
             tree = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: config file not found") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e}") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from e
-        cfg = _apply(cfg, tree, str(path))
-        overlay = tree.get(stage, {})
-        cfg = _apply(cfg, overlay, f"{path} [{stage}]")
+        here = path.resolve().parent
+        cfg = _apply(cfg, _resolve_paths(tree, here), str(path))
+        for name in STAGES:
+            overlay = tree.get(name, {})
+            if not isinstance(overlay, dict):
+                raise ConfigError(f"{path}: [{name}] must be a table")
+            if name == stage:
+                cfg = _apply(cfg, _resolve_paths(overlay, here), f"{path} [{name}]")
+            else:
+                _check_overlay(overlay, f"{path} [{name}]")
         cfg = dataclasses.replace(cfg, stage=stage)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
     for text in overrides:
         keys, value = parse_override(text)
+        overlay_stage = keys[0] if keys[0] in STAGES else None
+        if overlay_stage is not None:
+            keys = keys[1:]
+            if not keys:
+                raise ConfigError(f"--set {text!r}: a stage overlay needs a key, e.g. {overlay_stage}.optim.lr=1e-4")
         tree: dict = value
         for k in reversed(keys):
             tree = {k: tree}
-        cfg = _apply(cfg, tree, f"--set {text}")
+        if overlay_stage is None or overlay_stage == stage:
+            cfg = _apply(cfg, _resolve_paths(tree, base), f"--set {text}")
+        else:
+            _check_overlay(tree, f"--set {text}")
     return cfg
 
 

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from piccolo_jax.accelerators import peak_flops
 from piccolo_jax.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per chip, by jax device_kind substring (for the MFU estimate).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
-
 def peak_flops_per_device() -> float | None:
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
+    """bf16 matmul peak of this run's devices (None on CPU or an unknown part): see accelerators.py."""
+    return peak_flops(jax.devices()[0].device_kind)
 
 
 def step_flops(cfg: ModelConfig, host_batch: dict, process_count: int, num_chunks: int) -> float:
@@ -77,30 +71,85 @@ class MetricsLog:
             self._tb.close()
 
 
-class ProgressBar:
-    """tqdm bar with loss, accuracy, lr, examples/s, tokens/s and MFU (or GFLOP/s without a known peak)."""
+_ACTIVE_BARS: list = []  # tqdm bars on screen; log lines are written above them
 
-    def __init__(self, total: int, initial: int, enabled: bool = True):
-        self._bar = None
-        self._peak = peak_flops_per_device()
-        if enabled:
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Log lines to stdout, printed above an active progress bar (tqdm.write) instead of into it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _ACTIVE_BARS:
+            return super().emit(record)
+        try:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # as logging.StreamHandler does
+            self.handleError(record)
 
-    def update(self, step: int, m: dict) -> None:
+
+def console_handler() -> logging.Handler:
+    return _ConsoleHandler(sys.stdout)
+
+
+def _rate(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+class ProgressBar:
+    """Progress of the run on process 0, one line that fits the terminal (80 columns included):
+
+        1200/12000 [1:02:03<9:18:27], loss 0.412 acc 0.91 lr 9.8e-05 1234 ex/s MFU 41%
+
+    with a bar in front when the terminal has room (>= 110 columns). Metrics are loss, in-batch accuracy,
+    learning rate, examples/s and MFU (GFLOP/s where the device's peak is unknown, e.g. a CPU); the first
+    window includes compiling the step, so its rates read "(compiling)". When stdout is not a terminal
+    (a log file, a batch job) the same line is logged at every `run.log_every` instead of a bar.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        import shutil
+
+        self._bar, self._lines, self.total = None, False, total
+        self._peak = peak_flops_per_device()
+        if not enabled:
+            return
+        if not sys.stdout.isatty():
+            self._lines = True
+            return
+        from tqdm import tqdm
+
+        wide = shutil.get_terminal_size((80, 24)).columns >= 110
+        fmt = ("train {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}" if wide
+               else "{n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+        self._bar = tqdm(total=total, initial=initial, unit="step", bar_format=fmt, file=sys.stdout)
+        _ACTIVE_BARS.append(self._bar)
+
+    def describe(self, m: dict, first_window: bool) -> str:
+        parts = [f"loss {m.get('loss', float('nan')):.3f}"]
+        if "accuracy" in m:
+            parts.append(f"acc {m['accuracy']:.2f}")
+        parts.append(f"lr {m.get('lr', 0.0):.1e}")
+        if first_window:
+            parts.append("(compiling)")
+        else:
+            parts.append(f"{_rate(m['examples_per_s'])} ex/s")
+            if self._peak:
+                parts.append(f"MFU {m['gflops_per_s'] * 1e9 / (self._peak * jax.device_count()):.0%}")
+            else:
+                parts.append(f"{_rate(m['gflops_per_s'])} GFLOP/s")
+        return " ".join(parts)
+
+    def update(self, step: int, m: dict, first_window: bool = False) -> None:
+        if self._lines:
+            log.info("step %d/%d %s", step, self.total, self.describe(m, first_window))
         if self._bar is None:
             return
-        post = {"loss": f"{m.get('loss', float('nan')):.4f}", "acc": f"{m.get('accuracy', float('nan')):.3f}",
-                "lr": f"{m.get('lr', 0.0):.2e}", "ex/s": f"{m['examples_per_s']:.1f}",
-                "tok/s": f"{m['tokens_per_s']:.0f}"}
-        if self._peak:
-            post["mfu"] = f"{m['gflops_per_s'] * 1e9 / (self._peak * jax.device_count()):.1%}"
-        else:
-            post["GFLOP/s"] = f"{m['gflops_per_s']:.1f}"
-        self._bar.set_postfix(post, refresh=False)
+        self._bar.set_postfix_str(self.describe(m, first_window), refresh=False)
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            _ACTIVE_BARS.remove(self._bar)
+            self._bar = None

@@ -51,6 +51,7 @@ def atomic_directory(dest: str | os.PathLike, write: Callable[[Path], None], ove
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
@@ -62,6 +63,20 @@ def atomic_directory(dest: str | os.PathLike, write: Callable[[Path], None], ove
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the permissions a plain mkdir / open would (0777 / 0666 less
+    the umask): temporary directories are created 0700 and some writers create files 0600, which would
+    leave a model on a shared disk unreadable by others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
 
 
 def write_params(path: Path, params: Any) -> None:
@@ -106,6 +121,37 @@ def save_model_dir(dest: str | os.PathLike, cfg: ModelConfig, params: Any, *, si
     return atomic_directory(dest, write, overwrite=overwrite)
 
 
+def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Shapes of the tensors in a `params/` checkpoint from its metadata alone (nothing is read)."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().metadata(Path(path).absolute())
+    tree = getattr(tree, "item_metadata", tree)  # Orbax >= 0.11 wraps the tree
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in keypath): tuple(leaf.shape) for keypath, leaf in flat}
+
+
+def check_shapes_match(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse, before any model is built, a config whose sizes disagree with the stored tensors.
+
+    Checks the word embedding table ([vocab, hidden]) and the number of layers, whether layers are stored
+    one subtree each (`layers/<i>/...`) or stacked on a leading axis (`layers/...` of shape [L, ...]).
+    """
+    word = next((shape for name, shape in shapes.items() if name.endswith("word/embedding")), None)
+    if word is not None and word != (cfg.vocab_size, cfg.hidden_size):
+        raise ValueError(f"{source}: the word embedding table is {list(word)}, but config.json says "
+                         f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}")
+    layer_names = [name.split("/") for name in shapes if name.startswith("layers/")]
+    indexed = {parts[1] for parts in layer_names if len(parts) > 2 and parts[1].isdigit()}
+    if indexed:
+        stored = len(indexed)
+    else:
+        stored = next((shapes["/".join(parts)][0] for parts in layer_names if shapes["/".join(parts)]), 0)
+    if stored != cfg.num_hidden_layers:
+        raise ValueError(f"{source}: {stored} layers are stored, but config.json says "
+                         f"num_hidden_layers={cfg.num_hidden_layers}")
+
+
 def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / PARAMS_SUBDIR).is_dir()
 
@@ -117,4 +163,5 @@ def load_model_dir(path: str | os.PathLike, abstract: Any | None = None,
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path}: not a piccolo-jax model directory (needs config.json and {PARAMS_SUBDIR}/)")
     cfg = ModelConfig.from_json_file(path / "config.json", **config_overrides)
+    check_shapes_match(cfg, stored_shapes(path / PARAMS_SUBDIR), str(path))
     return cfg, read_params(path / PARAMS_SUBDIR, abstract)

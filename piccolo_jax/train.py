@@ -1,14 +1,22 @@
-"""The training loop: build everything from a TrainConfig, resume, step, log, checkpoint, export.
+"""The training loop: check, resume, step, log, checkpoint, export — and end in a state a rerun continues.
 
 Restart semantics: the checkpoint of step s holds the state after s updates and the loader position
 after batch s; the dropout key of step s is fold_in(key(seed), s). A restarted run therefore repeats
-exactly the computation an uninterrupted run would have done.
+exactly the computation an uninterrupted run would have done. How each start and each ending behaves
+(rerun, extend, stop, fail) is `piccolo_jax.run_dir`'s table.
+
+Order of a start: everything the config names is checked (`preflight`) before the work directory is
+created or anything compiles; then the directory is locked, its state read, and only then is the model
+built. SIGINT / SIGTERM are caught from the first line on: the loop stops after the step in flight (all
+processes of a multi-host run after the same step), saves it, and returns; during the export, the
+export is finished first.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -17,29 +25,26 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from piccolo_jax import sharding
-from piccolo_jax.checkpoint import Checkpointer, abstract_like
+from piccolo_jax.checkpoint import Checkpointer, abstract_like, error_reason
 from piccolo_jax.config import TrainConfig, save_config
-from piccolo_jax.data.loader import make_loader
-from piccolo_jax.metrics_log import MetricsLog, ProgressBar, step_flops
+from piccolo_jax.export import write_export
+from piccolo_jax.metrics_log import MetricsLog, ProgressBar, console_handler, step_flops
 from piccolo_jax.model import count_params
-from piccolo_jax.model_config import ModelConfig
 from piccolo_jax.optim import learning_rate_schedule, make_optimizer
-from piccolo_jax.params_io import is_model_dir, load_model_dir, save_model_dir
-from piccolo_jax.tokenization import Tokenizer
-from piccolo_jax.train_step import TrainState, create_train_state, make_train_step
+from piccolo_jax.preflight import Preflight, preflight
+from piccolo_jax.runtime import configure
+from piccolo_jax.run_dir import (EXIT_USAGE, RunError, UsageError, WorkdirLock, clean_temporaries, export_step,
+                                 last_checkpoint_note, run_state)
+from piccolo_jax.train_step import STOP_KEY, TrainState, create_train_state, make_train_step
 
 log = logging.getLogger("piccolo_jax")
 
-# Architecture fields taken from an --init checkpoint; the run's config keeps dropout / dtype / remat.
-_ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "add_pooler",
-                "pooling", "normalize")
-
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits 0."""
+    """SIGTERM / SIGINT set a flag; the loop stops at the next step boundary. A second Ctrl-C stops now."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -63,168 +68,335 @@ class StopRequested:
         return self.signal is not None
 
 
-def setup_logging(workdir: Path) -> None:
+def setup_logging(workdir: Path | None) -> logging.Handler | None:
+    """Console (above the progress bar) on every process; WORKDIR/train.log on process 0 (returned)."""
     log.setLevel(logging.INFO)
-    if log.handlers:
-        return
+    log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if jax.process_index() == 0:  # one train.log per run, written by process 0
-        handlers.append(logging.FileHandler(workdir / "train.log"))
-    for handler in handlers:
+    if not log.handlers:
+        handler = console_handler()
         handler.setFormatter(fmt)
         log.addHandler(handler)
-    log.propagate = False
+    if workdir is None or jax.process_index() != 0:
+        return None
+    file_handler = logging.FileHandler(workdir / "train.log", encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    log.addHandler(file_handler)
+    # Orbax reports failures of its background threads through absl's logger with full tracebacks; they
+    # go to train.log, and the run reports the failure in one line of its own.
+    absl = logging.getLogger("absl")
+    absl.addHandler(file_handler)
+    absl.propagate = False
+    return file_handler
 
 
-def load_init(init: str, model_cfg: ModelConfig) -> tuple[ModelConfig, Any, str]:
-    """Parameters to start from: an HF directory, our model directory, or a finished run's export."""
-    path = Path(init)
-    if (path / "export" / "model").is_dir():  # a run directory (e.g. finetune after pretrain)
-        path = path / "export" / "model"
-    keep = {k: v for k, v in model_cfg.__dict__.items() if k not in _ARCH_FIELDS}
-    if is_model_dir(path):
-        cfg, params = load_model_dir(path, **keep)
-        return cfg, params, f"piccolo-jax model {path}"
-    if (path / "config.json").is_file():
-        from piccolo_jax.hf import load_hf_model
-
-        cfg, params, report = load_hf_model(path, **keep)
-        return cfg, params, (f"Hugging Face model {path} (not converted: {report['ignored_head_tensors']} "
-                             f"pre-training head tensors, {report['ignored_buffers']} buffers)")
-    raise FileNotFoundError(f"--init {init}: not an HF directory, a piccolo-jax model directory or a run "
-                            "directory with export/model")
+def _agree(code: int, what: str) -> None:
+    """Multi-host: raise on every process when any process failed a check (each prints its own reason)."""
+    if jax.process_count() == 1:
+        return
+    codes = np.asarray(multihost_utils.process_allgather(np.int32(code)))
+    if code == 0 and codes.any():
+        bad = [int(i) for i in np.flatnonzero(codes)]
+        raise RunError(f"process(es) {bad} failed {what} (see their output); this process stops too",
+                       int(codes.max()))
 
 
 def train(cfg: TrainConfig, workdir: str | Path) -> dict:
-    """Run (or resume) training in `workdir`; returns the last logged metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    setup_logging(workdir)
-    is_main = jax.process_index() == 0
+    """Run, resume, extend or finish the run in `workdir`; returns the last logged metrics.
 
-    model_cfg, init_params, init_note = cfg.model, None, "random init"
-    if cfg.init:
-        model_cfg, init_params, init_note = load_init(cfg.init, cfg.model)
-    cfg = dataclasses.replace(cfg, model=model_cfg)
+    Raises RunError (UsageError for bad configuration or input) with a one-line message; every way out
+    leaves the directory resumable by the same call.
+    """
+    workdir = Path(workdir).absolute()
+    with StopRequested() as stop, contextlib.ExitStack() as cleanup:
+        setup_logging(None)
+        runtime_notes = configure(cfg.run)
+        pre: Preflight | None = None
+        try:
+            mesh = sharding.make_mesh(cfg.parallel)
+        except ValueError as e:
+            raise UsageError(f"parallel: {e}") from None
+        code, error = 0, None
+        try:
+            pre = preflight(cfg, workdir, jax.process_index(), jax.process_count(),
+                            sharding.data_parallel_size(mesh))
+            cleanup.callback(pre.loader.close)
+        except RunError as e:
+            code, error = e.code, e
+        _agree(code, "the checks of the configuration and data")
+        if error is not None:
+            raise error
+        cfg = pre.cfg
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock_code, lock_error = 0, None
+        if jax.process_index() == 0:
+            lock = WorkdirLock(workdir)
+            try:
+                lock.acquire()
+                cleanup.callback(lock.release)
+            except RunError as e:
+                lock_code, lock_error = e.code, e
+        _agree(lock_code, "to lock the work directory")
+        if lock_error is not None:
+            raise lock_error
+        file_handler = setup_logging(workdir)
+        if file_handler is not None:
+            cleanup.callback(_remove_handler, file_handler)
+        try:
+            pre.notes[:0] = runtime_notes
+            return _run(cfg, workdir, mesh, pre, stop, cleanup)
+        except RunError as e:
+            if file_handler is not None:
+                _to_file(file_handler, e)
+            raise
+
+
+def _remove_handler(handler: logging.Handler) -> None:
+    for logger in (log, logging.getLogger("absl")):
+        logger.removeHandler(handler)
+    handler.close()
+
+
+def _to_file(handler: logging.Handler, e: RunError) -> None:
+    """An error for train.log only (the command prints it on the console)."""
+    handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (e,), None))
+
+
+def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopRequested,
+         cleanup: contextlib.ExitStack) -> dict:
+    is_main = jax.process_index() == 0
+    removed = clean_temporaries(workdir) if is_main else []
+    for line in pre.warnings:
+        log.warning("%s", line)
+    for line in pre.notes:
+        log.info("%s", line)
+    if removed:
+        log.info("removed what an interrupted export left behind: %s", ", ".join(removed))
+
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
+    cleanup.callback(ckpt.close)
+    latest, exported = ckpt.latest_step(), export_step(workdir)
+    state_name = run_state(latest, exported, cfg.run.steps)
+    if state_name == "beyond":
+        raise UsageError(f"{workdir} is trained to step {latest}, beyond run.steps={cfg.run.steps}; raise "
+                         "run.steps to continue it, or use another --workdir", EXIT_USAGE)
+    if state_name == "complete":
+        log.info("run complete: step %d of %d, exported in %s; nothing to do (raise run.steps to continue)",
+                 latest, cfg.run.steps, workdir / "export")
+        return {"step": latest, "state": "complete"}
     if is_main:
         save_config(cfg, workdir / "config.json")
 
-    mesh = sharding.make_mesh(cfg.parallel)
-    strategy = cfg.parallel.strategy
-    tokenizer = Tokenizer.from_dir(cfg.tokenizer)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {model_cfg.vocab_size}")
+    model_cfg = cfg.model
     optimizer = make_optimizer(cfg.optim, cfg.run.steps)
     schedule = learning_rate_schedule(cfg.optim, cfg.run.steps)
-    step_fn = make_train_step(model_cfg, cfg.loss, optimizer, mesh, strategy, schedule)
-
     base_key = jax.random.key(cfg.run.seed)
     init_key = jax.random.fold_in(base_key, 2**31 - 1)  # disjoint from the dropout keys fold_in(base, step)
-    state = create_train_state(model_cfg, optimizer, mesh, strategy, init_key, params=init_params)
-    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
+    strategy = cfg.parallel.strategy
+    state = create_train_state(model_cfg, optimizer, mesh, strategy, init_key, params=pre.init_params)
+    init_note, start = pre.init_note, 0
     restored = ckpt.restore_latest(abstract_like(state))
-    loader_state, start = None, 0
     if restored is not None:
         start, state, loader_state = restored
+        try:
+            pre.loader.restore(loader_state)
+        except ValueError as e:
+            raise UsageError(f"{ckpt.directory}/{start}: {e}") from None
         init_note = f"resumed from {ckpt.directory}/{start}"
+    _log_header(cfg, mesh, state, init_note, start, workdir)
 
+    last: dict = {"step": start}
+    if start < cfg.run.steps:
+        state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule)
+    step = last["step"]
+    if stop or step < cfg.run.steps:
+        where = f"checkpoint {ckpt.directory}/{step}" if step else "nothing to save yet"
+        log.info("stopped on request (signal %s) after step %d; %s; rerun the same command to continue",
+                 stop.signal, step, where)
+        return {**last, "state": "stopped"}
+
+    log.info("exporting step %d to %s", step, workdir / "export")
+    t0 = time.perf_counter()
+    try:
+        write_export(workdir, cfg, state.params, step)
+    except OSError as e:
+        raise RunError(f"writing the export to {workdir / 'export'} failed: {error_reason(e)}; the checkpoint "
+                       f"of step {step} is kept: rerun the same command to write the export") from None
+    if stop:
+        log.info("received signal %d during the export; it was finished first", stop.signal)
+    log.info("finished: step %d of %d, %d skipped step(s), export %s (%.1f s): model/ (ours), hf/ "
+             "(transformers / sentence-transformers)", step, cfg.run.steps, int(state.skipped),
+             workdir / "export", time.perf_counter() - t0)
+    return {**last, "state": "complete"}
+
+
+def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start: int, workdir: Path) -> None:
     b, dp = cfg.data.global_batch_size, sharding.data_parallel_size(mesh)
-    chunks = cfg.loss.num_chunks
-    rows_per_chunk_device = b // max(dp * chunks, 1)
+    chunks, model_cfg = cfg.loss.num_chunks, cfg.model
     for line in (
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"{jax.process_count()} process(es), this is process {jax.process_index()}",
-        sharding.describe(mesh, strategy),
+        sharding.describe(mesh, cfg.parallel.strategy),
         f"stage {cfg.stage}: loss {cfg.loss.kind} (temperature {cfg.loss.temperature}), global batch {b} "
         f"= {dp} data shards x {b // dp} rows; gradient caching {chunks} chunk(s) of {b // chunks} rows "
-        f"({rows_per_chunk_device} per device per chunk)",
+        f"({b // (dp * chunks)} per device per chunk)",
         f"model: {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size}, "
         f"{count_params(state.params):,} parameters, compute {model_cfg.compute_dtype}, remat {model_cfg.remat}; "
         f"{init_note}",
         f"steps {start} -> {cfg.run.steps}; workdir {workdir}",
     ):
-        log.info(line)
-    if b % (dp * chunks):
-        raise ValueError(f"data.global_batch_size={b} must be divisible by {dp} data shards x {chunks} chunks")
+        log.info("%s", line)
 
-    loader = make_loader(cfg.data, tokenizer, jax.process_index(), jax.process_count(), state=loader_state)
+
+def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainState, ckpt: Checkpointer,
+          stop: StopRequested, start: int, base_key, optimizer, schedule) -> tuple[TrainState, dict]:
+    """Steps start+1 .. run.steps, or until a stop; saves the last step done. Returns (state, last metrics)."""
+    model_cfg, b, chunks = cfg.model, cfg.data.global_batch_size, cfg.loss.num_chunks
+    is_main, processes = jax.process_index() == 0, jax.process_count()
+    step_fn = make_train_step(model_cfg, cfg.loss, optimizer, mesh, cfg.parallel.strategy, schedule)
+    loader = pre.loader
+    for line in loader.summary_lines():
+        log.info("%s", line)
     metrics_log = MetricsLog(workdir, enabled=is_main)
     bar = ProgressBar(cfg.run.steps, start, enabled=is_main and cfg.run.progress_bar)
-    last: dict = {}
+    evaluator = Evaluator(cfg, pre.tokenizer, mesh) if cfg.run.eval_path else None
+    keys = tuple(k for k in ("query", "passage", "negative") for k in (f"{k}_input_ids", f"{k}_attention_mask"))
+    step = start
+    last: dict = {"step": step}
+    watch = _StepWatch(cfg.run.max_consecutive_skipped)
     t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
-    with StopRequested() as stop:
-        step = start
-        try:
-            while step < cfg.run.steps and not stop:
-                host_batch = next(loader)
-                batch = sharding.host_local_to_global(
-                    {k: v for k, v in host_batch.items() if k.endswith(("_ids", "_mask"))}, mesh)
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
-                step += 1
-                examples += b
-                n_tok = sum(int(v.sum()) for k, v in host_batch.items() if k.endswith("attention_mask"))
-                tokens += n_tok * jax.process_count()
-                flops += step_flops(model_cfg, host_batch, jax.process_count(), chunks)
-                if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    dt = time.perf_counter() - t_last
-                    last = {"step": step, **metrics, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
-                            "gflops_per_s": flops / dt / 1e9, **loader.metrics()}
-                    metrics_log.write(step, last)
-                    bar.update(step, last)
-                    t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
-                if cfg.run.eval_path and (step == cfg.run.steps or (
-                        cfg.run.eval_every and step % cfg.run.eval_every == 0)):
-                    scores = evaluate(cfg, state.params, tokenizer, mesh)
-                    metrics_log.write(step, {"step": step, **scores})
-                    log.info("step %d eval: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in scores.items()))
-                    last.update(scores)
-                if step % cfg.run.save_every == 0 and step < cfg.run.steps:
-                    ckpt.save(step, state, loader.state())
-            if stop:
-                log.info("received signal %d: saving a checkpoint at step %d and exiting", stop.signal, step)
-            ckpt.save(step, state, loader.state(), force=True)
-            ckpt.wait()
-        finally:
-            loader.close()
-            bar.close()
-            metrics_log.close()
-            ckpt.close()
+    try:
+        while step < cfg.run.steps:
+            if processes == 1 and stop:  # one process: stop at once; many: when all agree (below)
+                break
+            host_batch = next(loader)
+            arrays = {k: host_batch[k] for k in keys if k in host_batch}
+            if processes > 1:
+                arrays[STOP_KEY] = np.full(b // processes, int(bool(stop)), np.int32)
+            if step == start:
+                log.info("compiling the train step (the first step takes longer) ...")
+            state, metrics = step_fn(state, sharding.host_local_to_global(arrays, mesh),
+                                     jax.random.fold_in(base_key, step))
+            step += 1
+            agreed_stop = watch.check(step, metrics)  # reads the previous step's flags: no stall
+            examples += b
+            n_tok = sum(int(v.sum()) for k, v in host_batch.items() if k.endswith("attention_mask"))
+            tokens += n_tok * processes
+            flops += step_flops(model_cfg, host_batch, processes, chunks)
+            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != STOP_KEY}
+                dt = time.perf_counter() - t_last
+                last = {"step": step, **metrics, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
+                        "gflops_per_s": flops / dt / 1e9, **loader.metrics()}
+                metrics_log.write(step, last)
+                bar.update(step, last, first_window=t_last == 0.0 or step <= start + cfg.run.log_every)
+                t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
+            last["step"] = step
+            if evaluator is not None and (step == cfg.run.steps or (
+                    cfg.run.eval_every and step % cfg.run.eval_every == 0)):
+                scores = evaluator(state.params)
+                metrics_log.write(step, {"step": step, **scores})
+                log.info("step %d eval: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+                last.update(scores)
+            if step % cfg.run.save_every == 0:
+                ckpt.save(step, state, loader.state())
+            if agreed_stop:
+                break
+        watch.finish()
+        if stop:
+            log.info("received signal %d: saving a checkpoint at step %d", stop.signal, step)
+        if step > start:
+            ckpt.save(step, state, loader.state())
+        ckpt.wait()
+    except jax.errors.JaxRuntimeError as e:
+        if processes > 1:  # a collective failed: a peer is gone, and nothing in this process can recover
+            abandon(f"process {jax.process_index()}: lost contact with another process during step {step + 1} "
+                    f"({error_reason(e)}); {last_checkpoint_note(workdir)}; rerun the same command on every "
+                    "process to resume")
+        raise
+    except OSError as e:
+        raise RunError(f"training stopped at step {step}: {error_reason(e)}") from None
+    finally:
+        with contextlib.ExitStack() as closing:  # every close runs, whichever fails
+            closing.callback(bar.close)
+            closing.callback(metrics_log.close)
+    if watch.skipped_total:
+        log.warning("%d step(s) skipped in this start because the loss, gradient or update was not finite",
+                    watch.skipped_total)
+    return state, last
 
-    if not stop and step >= cfg.run.steps:
-        finish(cfg, workdir, state)
-    return last
+
+def abandon(message: str, code: int = 1) -> None:
+    """Log `message` and leave the process now. For failures after which nothing can be closed cleanly
+    (a dead peer process: every collective, checkpoint barrier and shutdown would wait for it)."""
+    for handler in log.handlers:  # train.log; the console gets the message on stderr below
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None))
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    os._exit(code)
 
 
-def evaluate(cfg: TrainConfig, params: Any, tokenizer: Tokenizer, mesh) -> dict[str, float]:
-    """Metrics of the current parameters on `run.eval_path` (retrieval, STS or reranking layout)."""
-    from piccolo_jax.evaluation import evaluate_path
-    from piccolo_jax.inference import Encoder
+class _StepWatch:
+    """Per-step flags read one step late (the step in flight keeps the device busy): the non-finite
+    counter and, multi-host, the agreed stop request."""
 
-    strategy = "fsdp" if cfg.parallel.strategy == "fsdp" else "dp"
-    encoder = Encoder(cfg.model, params, tokenizer, mesh=mesh, strategy=strategy,
-                      max_length=max(cfg.data.query_max_length, cfg.data.passage_max_length))
-    kind, scores = evaluate_path(encoder, cfg.run.eval_path, mesh=mesh)
-    return {f"eval/{kind}/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self._pending = None  # (step, metrics) not read yet
+        self._skipped_before: int | None = None
+        self.consecutive, self.skipped_total, self.first_skipped = 0, 0, None
+
+    def check(self, step: int, metrics: dict) -> bool:
+        """Read the previous step's flags, queue this one's; True when every process asked to stop."""
+        previous, self._pending = self._pending, (step, metrics)
+        return False if previous is None else self._read(*previous)
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            self._read(*self._pending)
+            self._pending = None
+
+    def _read(self, step: int, metrics: dict) -> bool:
+        flags = jax.device_get({k: metrics[k] for k in ("skipped", STOP_KEY) if k in metrics})
+        skipped = int(flags["skipped"])
+        if self._skipped_before is not None and skipped > self._skipped_before:
+            self.consecutive += 1
+            self.skipped_total += 1
+            self.first_skipped = self.first_skipped or step
+            log.warning("step %d skipped: its loss, gradient or update is not finite (%d in a row)", step,
+                        self.consecutive)
+        elif self._skipped_before is not None:
+            self.consecutive, self.first_skipped = 0, None
+        self._skipped_before = skipped
+        if self.consecutive >= self.max_consecutive:
+            raise RunError(f"stopping: {self.consecutive} consecutive steps ({self.first_skipped}-{step}) had a "
+                           "non-finite loss, gradient or update and were skipped (run.max_consecutive_skipped); "
+                           "nothing is saved or exported; lower optim.lr, raise loss.temperature or check the data")
+        return bool(int(flags.get(STOP_KEY, 0)))
 
 
-def finish(cfg: TrainConfig, workdir: Path, state: TrainState) -> None:
-    """Export our model directory and (optionally) an HF + sentence-transformers directory."""
-    from jax.experimental import multihost_utils
+class Evaluator:
+    """Metrics of the current parameters on `run.eval_path`; one Encoder (and its compiled functions) for
+    every evaluation of the run."""
 
-    params = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.params, tiled=True))
-    if jax.process_index() != 0:
-        return
-    export = workdir / "export"
-    save_model_dir(export / "model", cfg.model, params, side_files_from=cfg.tokenizer, overwrite=True)
-    log.info("exported %s", export / "model")
-    if cfg.run.export_hf:
-        from piccolo_jax.hf import write_hf_dir
+    def __init__(self, cfg: TrainConfig, tokenizer, mesh):
+        self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
+        self.encoder = None
 
-        max_len = max(cfg.data.query_max_length, cfg.data.passage_max_length)
-        write_hf_dir(export / "hf", cfg.model, params, side_files_from=cfg.tokenizer, overwrite=True,
-                     max_seq_length=max_len)
-        log.info("exported %s (transformers.BertModel / sentence_transformers.SentenceTransformer)",
-                 export / "hf")
+    def __call__(self, params: Any) -> dict[str, float]:
+        from piccolo_jax.evaluation import evaluate_path
+        from piccolo_jax.inference import Encoder
+
+        if self.encoder is None:
+            strategy = "fsdp" if self.cfg.parallel.strategy == "fsdp" else "dp"
+            self.encoder = Encoder(self.cfg.model, params, self.tokenizer, mesh=self.mesh, strategy=strategy,
+                                   max_length=max(self.cfg.data.query_max_length, self.cfg.data.passage_max_length))
+        else:
+            self.encoder.params = jax.device_put(params, self.encoder.param_shardings)
+        kind, scores = evaluate_path(self.encoder, self.cfg.run.eval_path, mesh=self.mesh)
+        return {f"eval/{kind}/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+

@@ -16,6 +16,9 @@ from piccolo_jax.model import abstract_model, encode, init_params
 from piccolo_jax.model_config import ModelConfig
 
 LOSSES = ("in_batch", "hard_negative", "gte")
+# Optional batch entry [B] int32: a process's rows carry 1 when it received SIGINT / SIGTERM. The step
+# returns their max as a metric, so that all processes of a multi-host run agree on when to stop.
+STOP_KEY = "stop_requested"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +107,15 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
             encode_fn, loss_fn, state.params, batch, key, num_chunks=loss_cfg.num_chunks, shards=shards,
             constrain=sharding.row_constraint(mesh), local_sum=sharding.shard_local_sum(mesh, strategy))
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # Non-finite guard: keep the old parameters and moments, count the skipped step.
+        # Non-finite guard over the loss, the gradient and the result: the global L2 norms of the updated
+        # parameters and optimizer moments must be finite too. A norm overflows float32 (3.4e38) long
+        # before training is sane again, so an update that blows the weights up to ~1e30 is refused with
+        # the step that made it, not one step later. Refused: keep the old state, count the skipped step.
+        moments = [x for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+                  & jnp.isfinite(optax.tree.norm(moments)))
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         new_state = TrainState(
             step=state.step + finite.astype(jnp.int32),
@@ -116,6 +124,8 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, skipped=new_state.skipped)
+        if STOP_KEY in batch:  # any process asked to stop: every process reads the same value
+            metrics[STOP_KEY] = jnp.max(batch[STOP_KEY])
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
         return new_state, metrics

@@ -237,8 +237,15 @@ def test_to_global_arrays(data_dir, tokenizer):
 def test_bad_loader_settings(data_dir, tokenizer):
     with pytest.raises(ValueError, match="global_batch_size 8 is not divisible by 3 processes"):
         make_loader(_cfg(data_dir), tokenizer, process_index=0, process_count=3)
-    with pytest.raises(ValueError, match=r"symmetric_datasets names unknown datasets \['nope'\]"):
-        make_loader(_cfg(data_dir, symmetric_datasets=("nope",)), tokenizer)
+    # Settings naming datasets that are not there warn (one config serves any data); a dataset left out of
+    # data.weights is an error.
+    names = [s.name for s in make_loader(_cfg(data_dir), tokenizer).sources]
+    loader = make_loader(_cfg(data_dir, symmetric_datasets=("nope",), weights={**dict.fromkeys(names, 1.0), "x": 1.0}),
+                         tokenizer)
+    assert any("symmetric_datasets names ['nope']" in w for w in loader.warnings)
+    assert any("weights names ['x']" in w for w in loader.warnings)
+    with pytest.raises(ValueError, match=r"data.weights gives no weight to the datasets"):
+        make_loader(_cfg(data_dir, weights={names[0]: 1.0}), tokenizer)
     state = make_loader(_cfg(data_dir), tokenizer).state()
     with pytest.raises(ValueError, match="global_batch_size: saved 8, now 16"):
         make_loader(_cfg(data_dir, global_batch_size=16), tokenizer, state=state)

@@ -1,39 +1,51 @@
-"""Train a piccolo embedding model: `python scripts/train.py --stage pretrain|finetune`.
+"""Train a piccolo embedding model: `piccolo-jax train --stage pretrain|finetune` (= `python scripts/train.py`).
 
-With no other arguments it trains the tiny config on the bundled sample data (CPU, about two minutes):
+With no other arguments it trains the tiny config on the bundled sample data (CPU, under a minute):
 
-    python scripts/train.py --stage pretrain                          # -> runs/pretrain
-    python scripts/train.py --stage finetune --init runs/pretrain     # -> runs/finetune
+    piccolo-jax train --stage pretrain                          # -> runs/pretrain
+    piccolo-jax train --stage finetune --init runs/pretrain     # -> runs/finetune
 
-Real recipes: --config configs/pretrain.toml / configs/finetune.toml. Any field can be overridden with
---set section.key=value (type-checked; unknown keys are refused before anything compiles). Restarting
-with the same --workdir resumes from its latest checkpoint; SIGTERM / Ctrl-C save a checkpoint and exit 0.
+Real recipes: --config pretrain / finetune (the bundled configs/pretrain.toml, configs/finetune.toml) with
+--set 'data.paths=["my/data"]'. Any field can be overridden with --set section.key=value, or for one
+stage only --set finetune.optim.lr=2e-5 (type-checked; unknown keys are refused before anything compiles).
+
+The same command again continues the run: a finished run says so (and writes its export if missing), a
+larger run.steps extends it, an interrupted one resumes from its latest checkpoint. SIGTERM / Ctrl-C stop
+after the step in flight with a checkpoint, exit 0. Exit codes: 0 done or stopped on request, 1 failure
+(failed save, non-finite training, lost peer), 2 bad configuration or input, 128+N killed by signal N.
 
 Multi-host: under SLURM, on a TPU pod, or with JAX_COORDINATOR_ADDRESS set, jax.distributed is
-initialised automatically; or pass --coordinator HOST:PORT --num-processes N --process-id I.
+initialised automatically; or pass --coordinator HOST:PORT --num-processes N --process-id I. Every
+process runs the same command; a process that loses a peer exits 1 naming the last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
+SUPERVISED_ENV = "PICCOLO_JAX_SUPERVISED"  # set in the trainer process a multi-host supervisor starts
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("pretrain", "finetune"), required=True,
                    help="pretrain: weak pairs, in-batch loss; finetune: triplets with hard negatives, GTE loss")
-    p.add_argument("--config", default=None, help="TOML config (default: configs/tiny.toml)")
-    p.add_argument("--workdir", default=None, help="run directory (default: runs/<stage>); resumed if it exists")
+    p.add_argument("--config", default="tiny",
+                   help="TOML config file, or a bundled one by name: tiny (default, CPU), pretrain, finetune")
+    p.add_argument("--workdir", default=None, help="run directory (default: runs/<stage>); rerunning continues it")
     p.add_argument("--init", default=None,
                    help="start from an HF directory (e.g. piccolo-base-zh, bert-base-chinese), a piccolo-jax "
-                        "model directory, or a finished run directory (uses its export/model)")
+                        "model directory, or a finished run directory (uses its export/model); its tokenizer "
+                        "comes with it unless `tokenizer` is set")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=2e-5 (repeatable)")
+                   help="override a config field, e.g. --set optim.lr=2e-5 or --set finetune.optim.lr=2e-5 "
+                        "(repeatable)")
     p.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
@@ -41,39 +53,120 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_distributed(args) -> None:
+def multi_process(args) -> bool:
+    """Whether this start joins a multi-process run (explicitly, or detected from the cluster environment)."""
+    if args.coordinator or (args.num_processes or 1) > 1:
+        return True
+    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
+            or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
+
+
+def init_distributed(args, heartbeat_timeout_s: int) -> None:
     import jax
 
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
+    kwargs = {"heartbeat_timeout_seconds": heartbeat_timeout_s}
     if args.coordinator or args.num_processes:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
-          or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ):
-        jax.distributed.initialize()  # cluster auto-detection (SLURM, Cloud TPU, env vars)
+                                   process_id=args.process_id, **kwargs)
+    else:
+        jax.distributed.initialize(**kwargs)  # cluster auto-detection (SLURM, Cloud TPU, env vars)
+
+
+def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the trainer dies with its supervisor (kill -9 of the supervisor must not orphan it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def supervise(argv: list[str], args) -> int:
+    """Run the trainer of this process as a child and report how it ended.
+
+    JAX ends a process whose distributed service failed (another process died, most often the
+    coordinator) with SIGABRT from C++, before Python can say anything. The supervisor outlives that and
+    prints the one line a user needs: what was lost and where to resume from. Signals are forwarded.
+    """
+    from piccolo_jax.run_dir import EXIT_FAILURE, last_checkpoint_note
+
+    env = dict(os.environ, **{SUPERVISED_ENV: "1"})
+    child = subprocess.Popen([sys.executable, "-m", "piccolo_jax", "train", *argv], env=env,
+                             start_new_session=True, preexec_fn=_set_parent_death_signal)
+    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if rc >= 0:
+        return rc
+    workdir = Path(args.workdir or f"runs/{args.stage}")
+    who = args.process_id if args.process_id is not None else os.environ.get("SLURM_PROCID", "?")
+    name = signal.Signals(-rc).name
+    if -rc == signal.SIGABRT:
+        sys.stderr.write(f"train: error: process {who}: the JAX distributed service stopped this process (SIGABRT): "
+                         f"another process of the run is gone (the coordinator {args.coordinator or ''} or a peer "
+                         f"that stopped sending heartbeats); {last_checkpoint_note(workdir)}; rerun the same "
+                         "command on every process to resume\n")
+        return EXIT_FAILURE
+    sys.stderr.write(f"train: error: process {who}: the trainer was killed by {name}; "
+                     f"{last_checkpoint_note(workdir)}; rerun the same command on every process to resume\n")
+    return 128 - rc
+
+
+def _leave(code: int) -> int:
+    """After a failure that may leave Orbax or distributed-service threads behind: exit now (no hang)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, prog)
-    from piccolo_jax.config import ConfigError, load_config
+    multi = multi_process(args)
+    if multi and not args.print_config and os.environ.get(SUPERVISED_ENV) != "1":
+        return supervise(argv, args)
 
-    config_path = args.config or "configs/tiny.toml"  # paths inside configs are relative to the repo root
-    overrides = list(args.overrides) + ([f'init="{args.init}"'] if args.init else [])
+    from piccolo_jax.config import ConfigError, load_config
+    from piccolo_jax.resources import find_config
+
+    overrides = list(args.overrides) + ([f"init={json.dumps(args.init)}"] if args.init else [])
     try:
-        cfg = load_config(config_path, args.stage, overrides)
-    except ConfigError as e:
-        print(f"train.py: config error: {e}", file=sys.stderr)
+        cfg = load_config(find_config(args.config), args.stage, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"train: config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        import json
-
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    init_distributed(args)
+    from piccolo_jax.runtime import configure
+
+    configure(cfg.run)  # before JAX starts its backends
+    if multi:
+        init_distributed(args, cfg.run.heartbeat_timeout_s)
+
+    from piccolo_jax.checkpoint import CheckpointError
+    from piccolo_jax.run_dir import EXIT_FAILURE, EXIT_USAGE, RunError
     from piccolo_jax.train import train
 
-    train(cfg, args.workdir or f"runs/{args.stage}")
+    try:
+        train(cfg, args.workdir or f"runs/{args.stage}")
+    except RunError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        if isinstance(e, CheckpointError) or multi:
+            return _leave(e.code)
+        return e.code if e.code in (EXIT_FAILURE, EXIT_USAGE) else EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("train: interrupted (second Ctrl-C); rerun the same command to resume from the latest checkpoint",
+              file=sys.stderr)
+        return _leave(130) if multi else 130
+    if multi:
+        import jax
+
+        jax.distributed.shutdown()  # every process arrives here: leave together
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

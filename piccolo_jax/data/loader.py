@@ -34,8 +34,34 @@ from piccolo_jax.tokenization import Tokenizer
 log = logging.getLogger(__name__)
 
 
+def dataset_name_warnings(cfg: DataConfig, names: list[str]) -> list[str]:
+    """Warnings for settings that name datasets which are not there (so that one config serves any data).
+
+    `symmetric_datasets`, `dataset_prefixes` and `weights` entries naming no dataset are ignored with a
+    warning; when `weights` is used, a dataset it leaves out is an error (its share would be a guess).
+    """
+    out = []
+    for field, listed in (("symmetric_datasets", cfg.symmetric_datasets),
+                          ("dataset_prefixes", [p[0] for p in cfg.dataset_prefixes]),
+                          ("weights", [w[0] for w in cfg.weights])):
+        unknown = sorted(set(listed) - set(names))
+        if unknown:
+            out.append(f"data.{field} names {unknown}, which are not among the datasets {names}: ignored")
+    if cfg.weights:
+        weighted = {n for n, _ in cfg.weights}
+        missing = [n for n in names if n not in weighted]
+        if missing:
+            raise ValueError(f"data.weights gives no weight to the datasets {missing}; list every dataset "
+                             f"(weight 0 leaves one out), or drop data.weights to mix by size")
+    return out
+
+
 class Loader:
-    """Endless iterator of host-local batches (see `build_host_batch` for the keys and shapes)."""
+    """Endless iterator of host-local batches (see `build_host_batch` for the keys and shapes).
+
+    `warnings` lists what the settings name that the data does not have; `summary_lines()` describes
+    each dataset. The caller logs both.
+    """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, sources: list[Source],
                  process_index: int = 0, process_count: int = 1, state: Mapping | None = None):
@@ -47,13 +73,10 @@ class Loader:
         self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources
         self.process_index, self.process_count = process_index, process_count
         names = [s.name for s in sources]
-        for field, listed in (("symmetric_datasets", cfg.symmetric_datasets),
-                              ("dataset_prefixes", [p[0] for p in cfg.dataset_prefixes])):
-            unknown = sorted(set(listed) - set(names))
-            if unknown:
-                raise ValueError(f"{field} names unknown datasets {unknown}; datasets are {names}")
+        self.warnings = dataset_name_warnings(cfg, names)
+        weights = {n: w for n, w in cfg.weights if n in names}
         self.sampler = Sampler(names, [len(s) for s in sources], cfg.global_batch_size, cfg.seed,
-                               dict(cfg.weights) or None)
+                               weights or None)
         if state is None:
             state = self.sampler.initial_state()
         else:
@@ -66,10 +89,15 @@ class Loader:
         self._pool = (concurrent.futures.ThreadPoolExecutor(cfg.num_workers, "piccolo-data")
                       if cfg.num_workers else None)
         if not tokenizer.char_bound_holds:
-            log.warning("%s: token counts cannot be bounded from characters; padding every batch to "
-                        "the max lengths", tokenizer.source)
-        for line in self.summary_lines():
-            log.info("%s", line)
+            self.warnings.append(f"{tokenizer.source}: token counts cannot be bounded from characters; "
+                                 "padding every batch to the max lengths")
+
+    def restore(self, state: Mapping) -> None:
+        """Continue after the batch described by `state` (from `state()`); only before the first batch."""
+        if self._pending or self._state != self._planned:
+            raise RuntimeError("Loader.restore must come before the first batch")
+        self.sampler.check_state(state)
+        self._state = self._planned = dict(state)
 
     # -- reporting -------------------------------------------------------------------------------
     def bad_record_counts(self) -> dict[str, int]:
