@@ -142,18 +142,25 @@ def abstract_train_state(model_cfg, optimizer, mesh, strategy: str) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def compile_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict) -> Any:
-    """`make_train_step(...)` lowered and compiled on abstract inputs (`abstract_batch`): nothing runs."""
+def compile_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict,
+                       lr_schedule=None) -> Any:
+    """`make_train_step(...)` lowered and compiled on abstract inputs (`abstract_batch`): nothing runs.
+
+    With the trainer's own `lr_schedule` (and batch entries) this is the program its loop runs at these
+    shapes, so a persistent compilation cache serves the loop's compile of them.
+    """
     from piccolo_jax.train_step import make_train_step
 
-    step = make_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy)
+    step = make_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy, lr_schedule)
     state = abstract_train_state(model_cfg, optimizer, mesh, strategy)
     return step.lower(state, batch, jax.random.key(0)).compile()
 
 
-def train_step_peak_for(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict) -> Callable[[int], int]:
+def train_step_peak_for(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict,
+                        lr_schedule=None) -> Callable[[int], int]:
     """`peak_for(num_chunks)` for `fit_num_chunks`: compile the step with that many chunks, return its peak."""
     def peak_for(num_chunks: int) -> int:
         cfg = dataclasses.replace(loss_cfg, num_chunks=num_chunks)
-        return compiled_peak_bytes(compile_train_step(model_cfg, cfg, optimizer, mesh, strategy, batch))
+        return compiled_peak_bytes(compile_train_step(model_cfg, cfg, optimizer, mesh, strategy, batch,
+                                                      lr_schedule))
     return peak_for

@@ -161,3 +161,27 @@ def test_bfloat16_matmuls_stay_bfloat16_forward_and_backward():
     assert len(dots) >= 24, dots
     assert all(a == b == "bf16" for a, b, _ in dots), sorted(set(dots))
     assert ("bf16", "bf16", "f32") in dots  # the score product (and its transposes) accumulate into float32
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs cuDNN: needs an NVIDIA GPU")
+def test_fused_attention_runs_and_matches_explicit_on_gpu():
+    """On a GPU: the cuDNN kernel's embeddings and gradients against the explicit path (bfloat16 both)."""
+    rng = np.random.default_rng(1)
+    lengths = np.array([32, 1, 17, 5, 32, 9, 2, 30])
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask == 1, rng.integers(1, 97, (B, T)), 0).astype(np.int32)
+    params = init_params(FUSED, jax.random.key(0))
+
+    def loss(p, cfg):
+        return jnp.sum(encode(cfg, p, ids, mask, dropout_key=jax.random.key(3))["embeddings"][:, :8] ** 2)
+
+    fused, explicit = FUSED.replace(attention="auto"), FUSED.replace(attention="explicit")
+    assert attention.attention_path(fused, training=True) == "cudnn"
+    text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, fused).as_text()
+    assert "__cudnn$fmhaSoftmax" in _custom_calls(text)
+    np.testing.assert_allclose(np.asarray(encode(fused, params, ids, mask)["embeddings"]),
+                               np.asarray(encode(explicit, params, ids, mask)["embeddings"]), atol=2e-2)
+    g_f, g_e = (jax.jit(jax.grad(loss), static_argnums=1)(params, c) for c in (fused, explicit))
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_e)):
+        scale = float(np.abs(np.asarray(b)).max()) + 1e-6
+        assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 0.05 * scale
