@@ -376,5 +376,18 @@ def encode(cfg: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_
     return model(input_ids_bt, attention_mask_bt, token_type_ids_bt, dropout_key, with_pooler)
 
 
+def stack_layers(params: Params) -> Params:
+    """A tree saved before layers were stacked ({"layers": {0: {...}, 1: {...}}}, keys int or digit strings)
+    -> today's tree ({"layers": {...}} with [L, ...] leaves); an already stacked tree is returned as it is."""
+    layers = params.get("layers", {})
+    if not layers or not all(str(k).isdigit() for k in layers):
+        return params
+    order = sorted(layers, key=int)
+    if [int(k) for k in order] != list(range(len(order))):
+        raise ValueError(f"layer keys {order} are not 0 .. {len(order) - 1}")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[k] for k in order))
+    return {**params, "layers": stacked}
+
+
 def count_params(params: Params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -220,6 +220,21 @@ def test_layers_axis_is_never_sharded():
     assert sharding.LOGICAL_RULES["fsdp"]["layers"] is None
 
 
+def test_stack_layers_reads_trees_saved_before_stacking():
+    from piccolo_jax.model import stack_layers
+
+    cfg = ModelConfig(**TINY)
+    params = init_params(cfg, jax.random.key(2))
+    old = {**params, "layers": {str(i): jax.tree.map(lambda a: a[i], params["layers"]) for i in range(2)}}
+    back = stack_layers(old)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert stack_layers(params) is params
+    with pytest.raises(ValueError, match="not 0 .. 1"):
+        stack_layers({"layers": {0: old["layers"]["0"], 2: old["layers"]["1"]}})
+
+
 def test_config_mismatch_is_refused():
     with pytest.raises(ValueError, match="hidden_act"):
         ModelConfig.from_hf_dict({**TINY, "hidden_act": "relu"})
