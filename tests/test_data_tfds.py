@@ -321,13 +321,13 @@ def test_killed_prepare_leaves_no_dataset_and_the_next_run_cleans_up(tmp_path):
 
 
 def test_a_running_prepare_keeps_its_temporary_directory(tmp_path):
-    from piccolo_jax.data import prepare as prepare_lib
+    from piccolo_jax.data import staging
 
-    tmp, lock = prepare_lib._claim_tmp(str(tmp_path), "qa")  # as a running prepare holds it
-    prepare_lib.remove_stale_temporaries(str(tmp_path))
+    tmp, lock = staging.claim(str(tmp_path), "qa")  # as a running prepare holds it
+    staging.remove_stale(str(tmp_path))
     assert os.path.isdir(tmp)
     os.close(lock)  # its process ended
-    prepare_lib.remove_stale_temporaries(str(tmp_path))
+    staging.remove_stale(str(tmp_path))
     assert not os.path.exists(tmp)
 
 

@@ -14,19 +14,18 @@ Each input file is one dataset, `OUT/<name>/1.0.0` with <name> = tfds_name(file 
    metadata and piccolo_source.json written, the input's size and mtime checked again, and the version
    directory renamed into place (an old one renamed aside first, then deleted).
 
-All of it is built in OUT/.piccolo-tmp-<name>-<random>/ on the output's file system, so a bad record,
-an error or Ctrl-C leaves the output as it was. A SIGKILL leaves that hidden directory (discovery
-skips it with a warning); the next prepare into OUT deletes it, as its lock (flock, released by the
-kernel when its process dies) is free. Bad input raises PrepareError or BadRecord, one line each: two
+All of it is built in OUT/.piccolo-tmp-<name>-<random>/ on the output's file system (see staging), so
+a bad record, an error or Ctrl-C leaves the output as it was. A SIGKILL leaves that hidden directory
+(discovery skips it with a warning); the next prepare into OUT deletes it, its lock being free. Bad input raises PrepareError or BadRecord, one line each: two
 inputs with one dataset name (naming both), an empty or all-bad file, a bad record without
 skip_bad_records (the earliest in the file). Inputs finished before an error stay installed.
 
 Shards: target = min(shard_bytes, max(8 MiB, total input bytes / workers)); an input of s bytes is cut
 into ceil(s / target) shards, so one big file keeps every worker busy while a 400 M-record corpus
 (~180 GB of JSONL) stays at ~180 shards of 1 GiB (one file descriptor and 32 KiB per shard reader).
-Cost: ~18.5 us of CPU per pretrain pair, all steps included (parse ~9, bounds ~2, encode ~5, zstd
-write ~2; benchmarks/bench_data_scale.py measured 54,000 records per CPU-second on 5 M records), so
-16 workers convert ~860,000 records/s and 400 M records in ~8 minutes.
+Cost: ~20 us of CPU per pretrain pair, all steps included (parse ~9, bounds ~2, encode ~5, zstd
+write ~2; benchmarks/bench_data_scale.py measured 49,000-54,000 records per CPU-second on 5-10 M
+records), so 16 workers convert ~800,000 records/s and 400 M records in ~9 minutes.
 """
 
 from __future__ import annotations
@@ -34,27 +33,24 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from piccolo_jax.data import record_arrays, tfds_store
+from piccolo_jax.data import record_arrays, staging, tfds_store
 from piccolo_jax.data.discovery import find_dataset_paths, jsonl_stem
 from piccolo_jax.data.jsonl_scan import CLI_HINT, BadRecords, scan_lines
 
 log = logging.getLogger(__name__)
 MIN_SHARD_BYTES = 8 << 20
 _BLOCK = 8 << 20  # bytes read at once while scanning
-TMP_PREFIX = ".piccolo-tmp-"
 
 
 class PrepareError(ValueError):
@@ -301,63 +297,8 @@ def _install(inp: Input, scan: Scan, results: list[ShardResult], tmp: str, reaso
     stat = os.stat(inp.path)
     if (stat.st_size, stat.st_mtime_ns) != (scan.size, scan.mtime_ns):
         raise PrepareError(f"{inp.path}: changed while it was being converted; nothing written, run again")
-    _replace_dir(version_dir, inp.out)
+    staging.replace_dir(version_dir, inp.out)
     return Outcome(inp.path, inp.out, "rebuilt" if reason else "built", reason, total, bad.count)
-
-
-def _claim_tmp(output: str, name: str) -> tuple[str, int]:
-    """A new OUT/.piccolo-tmp-<name>-<random>/ and an open descriptor holding its lock (flock), which
-    the kernel releases when this process ends in any way, so that a later run can tell it is stale."""
-    tmp = os.path.join(output, f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}")
-    os.makedirs(os.path.join(tmp, "parts"))
-    fd = os.open(os.path.join(tmp, ".lock"), os.O_CREAT | os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return tmp, fd
-
-
-def remove_stale_temporaries(output: str) -> None:
-    """Delete the temporary directories of prepare runs that were killed (their lock is free)."""
-    if not os.path.isdir(output):
-        return
-    for entry in sorted(os.listdir(output)):
-        path = os.path.join(output, entry)
-        if not entry.startswith(TMP_PREFIX) or not os.path.isdir(path):
-            continue
-        try:
-            fd = os.open(os.path.join(path, ".lock"), os.O_RDWR)
-        except FileNotFoundError:  # killed before it took the lock
-            fd = None
-        try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another prepare is using it
-            continue
-        finally:
-            if fd is not None:
-                os.close(fd)
-        log.warning("removing %s, left by an interrupted prepare", path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_dir(new: str, final: str) -> None:
-    """Rename directory `new` to `final`, moving an existing `final` aside first and deleting it after."""
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    for entry in os.listdir(parent):  # left by a run killed between the two renames below
-        if entry.startswith(".piccolo-old-"):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-    old = None
-    if os.path.exists(final):
-        old = os.path.join(os.path.dirname(final), f".piccolo-old-{secrets.token_hex(4)}")
-        os.rename(final, old)
-    try:
-        os.rename(new, final)
-    except BaseException:
-        if old is not None:
-            os.rename(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class _InlineExecutor(concurrent.futures.Executor):
@@ -390,7 +331,7 @@ def prepare(inputs: Sequence[str], output: str, options: PrepareOptions = Prepar
     target = shard_target(sum(i.size for i in plan), options)
     expected_shards = sum(max(1, math.ceil(i.size / target)) for i in plan)
     os.makedirs(output, exist_ok=True)
-    remove_stale_temporaries(output)
+    staging.remove_stale(output)
     done: dict[str, Outcome] = {}
     report = on_outcome or (lambda outcome: None)
     temporaries: list[tuple[str, int]] = []  # (directory, descriptor holding its lock)
@@ -412,7 +353,7 @@ def prepare(inputs: Sequence[str], output: str, options: PrepareOptions = Prepar
         jobs: collections.deque = collections.deque()
         state = {}  # input path -> [input, scan, reason, tmp dir, shards left, results]
         for inp, scan, reason in todo:
-            tmp, lock = _claim_tmp(output, inp.name)
+            tmp, lock = staging.claim(output, inp.name)
             temporaries.append((tmp, lock))
             state[inp.path] = [inp, scan, reason, tmp, len(scan.shards), []]
             jobs.extend(ShardJob(inp.path, start, end, first, k, os.path.join(tmp, "parts"), options)
