@@ -15,6 +15,8 @@ may not finish afterwards: a process that got a CheckpointError should leave wit
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,11 @@ def error_reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    code = re.search(r"os_error_code='(\d+)'", text)  # tensorstore wraps the OS error in a long message
+    if code:
+        path = re.search(r'Failed (?:writing|reading|to open)[^"]*"([^"]+)"', text) or re.search(
+            r'local file "([^"]+)"', text)
+        return os.strerror(int(code.group(1))) + (f": {path.group(1)}" if path else "")
     return text if len(text) <= 400 else text[:400] + "..."
 
 

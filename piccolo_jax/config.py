@@ -42,9 +42,9 @@ class RunConfig:
     save_every: int = 50  # steps between checkpoints (asynchronous)
     keep_checkpoints: int = 3  # most recent checkpoints kept
     export_hf: bool = True  # write an HF + sentence-transformers directory at the end
-    eval_path: str = ""  # held-out retrieval set directory (corpus/queries/qrels); "" = none
+    eval_path: str = ""  # held-out task: a retrieval directory or an STS / reranking .jsonl; "" = none
     eval_every: int = 0  # steps between evaluations (0 = only at the end, if eval_path is set)
-    progress_bar: bool = True  # tqdm bar on process 0
+    progress_bar: bool = True  # progress on process 0: a bar on a terminal, a log line per log_every otherwise
     # Stop with exit code 1 after this many consecutive steps whose loss, gradient or update was not finite
     # (each such step is skipped: parameters and optimizer state unchanged).
     max_consecutive_skipped: int = 10

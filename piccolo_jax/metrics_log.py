@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class MetricsLog:
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):  # skipped steps: JSONL only
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
 

@@ -162,8 +162,8 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, process_index: int, proces
                                cfg.data.max_record_bytes)
         loader = Loader(cfg.data, tokenizer, sources, process_index, process_count)
     except BadRecord as e:
-        raise UsageError(str(e).replace("(set skip_bad_records", "(set data.skip_bad_records = true")) from None
-    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+    except (ValueError, OSError, ImportError) as e:  # ImportError: a TFDS dataset without the tfds extra
         raise UsageError(f"data: {e}") from None
     return sources, loader
 

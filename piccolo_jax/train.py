@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             code, error = e.code, e
         _agree(code, "the checks of the configuration and data")
         if error is not None:
+            _append_to_existing_log(workdir, error)
             raise error
         cfg = pre.cfg
 
@@ -150,6 +151,17 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             if file_handler is not None:
                 _to_file(file_handler, e)
             raise
+
+
+def _append_to_existing_log(workdir: Path, error: RunError) -> None:
+    """A start refused before it touched anything: its reason still goes to the run's train.log."""
+    if jax.process_index() != 0 or not (workdir / "train.log").is_file():
+        return
+    try:
+        with open(workdir / "train.log", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} ERROR start refused: {error}\n")
+    except OSError:
+        pass
 
 
 def _remove_handler(handler: logging.Handler) -> None:
@@ -264,7 +276,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     keys = tuple(k for k in ("query", "passage", "negative") for k in (f"{k}_input_ids", f"{k}_attention_mask"))
     step = start
     last: dict = {"step": step}
-    watch = _StepWatch(cfg.run.max_consecutive_skipped)
+    watch = _StepWatch(cfg.run.max_consecutive_skipped, int(state.skipped))
     t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
     try:
         while step < cfg.run.steps:
@@ -344,10 +356,10 @@ class _StepWatch:
     """Per-step flags read one step late (the step in flight keeps the device busy): the non-finite
     counter and, multi-host, the agreed stop request."""
 
-    def __init__(self, max_consecutive: int):
+    def __init__(self, max_consecutive: int, skipped_before: int):
         self.max_consecutive = max_consecutive
         self._pending = None  # (step, metrics) not read yet
-        self._skipped_before: int | None = None
+        self._skipped_before = skipped_before  # the state's skipped counter before the first step
         self.consecutive, self.skipped_total, self.first_skipped = 0, 0, None
 
     def check(self, step: int, metrics: dict) -> bool:
@@ -363,13 +375,13 @@ class _StepWatch:
     def _read(self, step: int, metrics: dict) -> bool:
         flags = jax.device_get({k: metrics[k] for k in ("skipped", STOP_KEY) if k in metrics})
         skipped = int(flags["skipped"])
-        if self._skipped_before is not None and skipped > self._skipped_before:
+        if skipped > self._skipped_before:
             self.consecutive += 1
             self.skipped_total += 1
             self.first_skipped = self.first_skipped or step
             log.warning("step %d skipped: its loss, gradient or update is not finite (%d in a row)", step,
                         self.consecutive)
-        elif self._skipped_before is not None:
+        else:
             self.consecutive, self.first_skipped = 0, None
         self._skipped_before = skipped
         if self.consecutive >= self.max_consecutive:

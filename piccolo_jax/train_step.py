@@ -33,7 +33,9 @@ class LossConfig:
     def __post_init__(self):
         if self.kind not in LOSSES:
             raise ValueError(f"loss.kind={self.kind!r}; expected one of {LOSSES}")
-        if self.temperature <= 0 or self.block_size <= 0 or self.num_chunks <= 0:
+        if not self.temperature >= 1e-30:  # 1 / temperature must stay a finite float32 (max 3.4e38)
+            raise ValueError(f"loss.temperature={self.temperature} must be >= 1e-30 (typical: 0.01 to 0.05)")
+        if self.block_size <= 0 or self.num_chunks <= 0:
             raise ValueError(f"loss: temperature, block_size and num_chunks must be positive ({self})")
 
 

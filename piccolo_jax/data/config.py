@@ -25,14 +25,14 @@ class DataConfig:
     global_batch_size: int = 32
     # Hard negatives per query, K (piccolo: 2..7 in finetune); 0 = pairs only (pretrain).
     num_negatives: int = 0
-    # Token limits including [CLS] and [SEP]: queries 64; passages 512 (finetune) or 128 (pretrain).
-    query_max_length: int = 64
-    passage_max_length: int = 512
+    # Token limits including [CLS] and [SEP] (and the prefix); longer texts are truncated.
+    query_max_length: int = 64  # piccolo: 64 in finetune, 128 in pretrain
+    passage_max_length: int = 512  # piccolo: 512 in finetune, 128 in pretrain
     # Padded lengths are multiples of this (capped at the max length): 512 / 64 = at most 8 shapes.
     pad_multiple: int = 64
-    # Instruction prepended to query / passage text before tokenising (piccolo's defaults).
-    query_prefix: str = "查询: "
-    passage_prefix: str = "结果: "
+    # Instructions prepended before tokenising (piccolo's), except on symmetric datasets.
+    query_prefix: str = "查询: "  # on queries
+    passage_prefix: str = "结果: "  # on positives and hard negatives
     # Datasets whose two sides are alike (paraphrase, NLI): no prefix on either side.
     symmetric_datasets: tuple[str, ...] = ()
     # (dataset name, query prefix, passage prefix) overrides of the two prefixes above.

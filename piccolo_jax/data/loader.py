@@ -109,6 +109,7 @@ class Loader:
         k = self.cfg.num_negatives
         out = {}
         for i, s in enumerate(self.sources):
+            without, fewer = s.negatives_shortfall(k) if k else (0, 0)
             out[s.name] = {
                 "path": s.path, "records": len(s),
                 "batches_per_epoch": self.sampler.batches_per_epoch[i],
@@ -116,8 +117,7 @@ class Loader:
                 "left_per_epoch": len(s) % self.cfg.global_batch_size if s.name not in self.sampler.excluded
                 else len(s),
                 "excluded": self.sampler.excluded.get(s.name),
-                "records_without_negatives": int((s.num_negatives == 0).sum()) if k else 0,
-                "records_with_repeated_negatives": int(((s.num_negatives > 0) & (s.num_negatives < k)).sum()),
+                "records_without_negatives": without, "records_with_repeated_negatives": fewer,
                 "bad_records": sum(s.bad_records.values()), "bad_examples": list(s.bad_messages),
             }
         return out

@@ -115,7 +115,12 @@ class Sampler:
         cached = self._perm_cache.get(dataset)
         if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, _TAG_PERM, name_key(self.names[dataset]), epoch])
-            cached = (epoch, rng.permutation(self.sizes[dataset]))
+            # rng.permutation(n) in place on the narrowest index dtype: the same order (shuffle is what
+            # permutation runs), half the memory of int64 (400 M records: 1.6 GB instead of 3.2 GB).
+            n = self.sizes[dataset]
+            perm = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+            rng.shuffle(perm)
+            cached = (epoch, perm)
             self._perm_cache[dataset] = cached
         return cached[1]
 
