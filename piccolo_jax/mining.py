@@ -14,6 +14,8 @@ passages and draws from the next ninety), never taking a positive of the query o
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +30,11 @@ from piccolo_jax.inference import QUERY_PREFIX
 
 
 # ---------------------------------------------------------------------------------------- top-k search
+@functools.lru_cache(maxsize=32)
 def _search_fn(mesh, n_corpus: int, blocks: int, block: int, k: int):
-    """Jitted (q_qd replicated, c_rd batch-sharded) -> (scores_qk, indices_qk), both replicated."""
+    """Jitted (q_qd replicated, c_rd batch-sharded) -> (scores_qk, indices_qk), both replicated.
+
+    Cached per (mesh, sizes): a trainer's periodic evaluations search the same corpus with one program."""
     axes = sharding.BATCH_AXES
     k_block = min(k, block)
 
