@@ -56,6 +56,9 @@ class RunConfig:
     # GPU: deterministic reductions (--xla_gpu_deterministic_ops), so that a restart reproduces the run
     # bit for bit (the embedding-gradient scatter-add is otherwise nondeterministic); a little slower.
     deterministic: bool = False
+    # Device memory the train step may plan for, GiB per device; 0 = what the device's allocator allows.
+    # Before the first step the compiled step's peak is checked against it (with 5 % headroom).
+    memory_limit_gib: float = 0.0
     # Precision of float32 matmuls: "default" (TF32 on NVIDIA GPUs, bf16 passes on TPU), "high", "highest"
     # (true float32; what the 1e-5 parity claims assume). bfloat16 compute is unaffected.
     matmul_precision: str = "default"
@@ -67,6 +70,8 @@ class RunConfig:
                 raise ValueError(f"run.{name}={getattr(self, name)} must be >= 1")
         if self.eval_every < 0:
             raise ValueError(f"run.eval_every={self.eval_every} must be >= 0")
+        if not self.memory_limit_gib >= 0:
+            raise ValueError(f"run.memory_limit_gib={self.memory_limit_gib} must be >= 0 (0 = the device's)")
         if self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"run.matmul_precision={self.matmul_precision!r}; expected one of {MATMUL_PRECISIONS}")
 

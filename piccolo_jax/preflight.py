@@ -186,6 +186,12 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
     if cfg.run.eval_path and "://" not in cfg.run.eval_path and not os.path.exists(cfg.run.eval_path):
         raise UsageError(f"run.eval_path {cfg.run.eval_path}: no such file or directory")
 
+    from piccolo_jax.attention import describe_attention
+
+    try:
+        notes.append(describe_attention(model_cfg, training=True))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     b, chunks = cfg.data.global_batch_size, cfg.loss.num_chunks
     if data_parallel is not None and b % (data_parallel * chunks):
         raise UsageError(f"data.global_batch_size={b} must be divisible by {data_parallel} data shards x "

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from piccolo_jax import sharding
+from piccolo_jax import memory, sharding
 from piccolo_jax.checkpoint import Checkpointer, abstract_like, error_reason
 from piccolo_jax.config import TrainConfig, save_config
 from piccolo_jax.export import write_export
@@ -220,6 +220,7 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
 
     last: dict = {"step": start}
     if start < cfg.run.steps:
+        _check_memory(cfg, mesh, optimizer, schedule)
         state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule)
     step = last["step"]
     if stop or step < cfg.run.steps:
@@ -241,6 +242,27 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
              "(transformers / sentence-transformers)", step, cfg.run.steps, int(state.skipped),
              workdir / "export", time.perf_counter() - t0)
     return {**last, "state": "complete"}
+
+
+def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule) -> None:
+    """Compile the step at the largest shapes the loader can produce and refuse (exit 2) a config whose
+    per-device peak does not fit the device, naming the loss.num_chunks that does (piccolo_jax.memory)."""
+    limit = int(cfg.run.memory_limit_gib * memory.GiB) or memory.device_memory_limit()
+    if limit is None:
+        log.info("%s", memory.FitReport(cfg.loss.num_chunks, None, None, {}).line())
+        return
+    d, b = cfg.data, cfg.data.global_batch_size
+    batch = memory.abstract_batch(mesh, b, d.query_max_length, d.passage_max_length, d.num_negatives)
+    if jax.process_count() > 1:  # the loop's batches carry the stop flags: compile that very program
+        batch[STOP_KEY] = jax.ShapeDtypeStruct((b,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
+    peak_for = memory.train_step_peak_for(cfg.model, cfg.loss, optimizer, mesh, cfg.parallel.strategy, batch,
+                                          schedule)
+    candidates = memory.chunk_candidates(b, sharding.data_parallel_size(mesh), cfg.loss.num_chunks)
+    try:
+        report = memory.fit_num_chunks(peak_for, cfg.loss.num_chunks, candidates, limit)
+    except memory.NotEnoughMemory as e:
+        raise UsageError(str(e)) from None
+    log.info("%s", report.line())
 
 
 def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start: int, workdir: Path) -> None:

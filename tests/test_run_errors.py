@@ -198,3 +198,17 @@ def test_full_disk_fails_in_one_line_naming_the_path(tmp_path):
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "No space left on device" in lines[0] and str(disk) in lines[0], r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------ device memory
+def test_a_step_that_does_not_fit_is_refused_with_the_chunks_that_fit(tmp_path):
+    """The compiled step's peak is checked before the first step (here against a planned 61 MiB device)."""
+    import re
+
+    limit = ["run.memory_limit_gib=0.06", "run.steps=2", "loss.num_chunks=1"]
+    r = run(tmp_path / "w", *limit, fast=False, expect=None)
+    line = one_line_error(r, 2, "loss.num_chunks=1: the compiled train step needs")
+    chunks = int(re.search(r"set loss.num_chunks=(\d+)", line).group(1))
+    assert chunks > 1
+    r = run(tmp_path / "w", *limit, f"loss.num_chunks={chunks}", fast=False)
+    assert f"loss.num_chunks={chunks}" in r.stdout and "memory: compiled train step peak" in r.stdout
