@@ -7,7 +7,7 @@ import re
 import pytest
 
 from piccolo_jax.data import DataConfig, make_loader
-from piccolo_jax.data.records import BadRecord, Record, parse_line
+from piccolo_jax.data.records import BadRecord, Record, parse_line, record_from_json, record_to_json
 from piccolo_jax.data.sources import JsonlSource, open_sources
 from piccolo_jax.tokenization import Tokenizer
 
@@ -26,7 +26,7 @@ def test_uniem_pairs_and_triplets():
 
 
 def test_bge_records():
-    obj = {"query": "q", "pos": ["p1", "p2"], "neg": ["n1"], "prompt": "为这个句子生成表示：", "pos_scores": [1, 1]}
+    obj = {"query": "q", "pos": ["p1", "p2"], "neg": ["n1"], "prompt": "为这个句子生成表示：", "type": "normal"}
     assert parse_line(_line(obj)) == Record("q", ("p1", "p2"), ("n1",), "为这个句子生成表示：")
     assert parse_line(_line({"query": "q", "pos": ["p"]})) == Record("q", ("p",))
     assert parse_line(_line({"query": "q", "pos": ["p"], "prompt": ""})).prompt is None
@@ -38,11 +38,87 @@ def test_declared_format_is_enforced():
     assert parse_line(_line({"query": "q", "pos": ["p"]}), "bge") == Record("q", ("p",))
 
 
+def test_original_formats_parse_as_before():
+    """uniem and BGE records: the Record of before, every field added since at its default."""
+    cases = [
+        ({"text": "问", "text_pos": "答"}, Record("问", ("答",)), {"query": "问", "pos": ["答"], "neg": []}),
+        ({"text": "问", "text_pos": "答", "text_neg": ["错"], "type": "retri_contrast"}, Record("问", ("答",), ("错",)),
+         {"query": "问", "pos": ["答"], "neg": ["错"]}),
+        ({"query": "q", "pos": ["p"], "neg": ["n"], "prompt": "指令", "type": "symmetric_class"},
+         Record("q", ("p",), ("n",), "指令"), {"query": "q", "pos": ["p"], "neg": ["n"], "prompt": "指令"}),
+    ]
+    for obj, want, as_json in cases:
+        got = parse_line(_line(obj))
+        assert got == want and record_to_json(got) == as_json
+        assert (got.task, got.label, got.positive_scores, got.negative_scores) == ("retrieval", None, None, None)
+
+
+def test_scored_pairs():
+    uniem = parse_line(_line({"sentence1": "今天天气好", "sentence2": "天气不错", "label": 3}))
+    assert uniem == Record("今天天气好", ("天气不错",), task="sts", label=3.0) and type(uniem.label) is float
+    piccolo = parse_line(_line({"text": "a", "text_pair": "b", "label": 0.25, "type": "cosent"}))
+    assert piccolo == Record("a", ("b",), task="sts", label=0.25)
+    assert parse_line(_line({"text": "a", "text_pair": "b", "label": -1}), "scored_pair").label == -1.0
+    with pytest.raises(BadRecord, match="missing field 'text_pair'"):
+        parse_line(_line({"text": "a", "text_pos": "b"}), "scored_pair")
+
+
+def test_classification_triplets():
+    obj = {"text": "这部电影太好看了", "text_pos": "正面", "text_neg": ["负面"], "type": "cls_contrast"}
+    want = Record("这部电影太好看了", ("正面",), ("负面",), task="classification")
+    assert parse_line(_line(obj)) == want
+    untyped = {k: v for k, v in obj.items() if k != "type"}
+    assert parse_line(_line(untyped)).task == "retrieval"  # auto without `type`: a uniem triplet
+    assert parse_line(_line(untyped), "classification") == want
+    many = {"text": "t", "text_pos": ["体育", "足球"], "text_neg": "财经"}
+    assert parse_line(_line(many), "classification") == Record("t", ("体育", "足球"), ("财经",), task="classification")
+
+
+def test_declared_format_and_piccolo_type_must_agree():
+    row = {"text": "a", "text_pos": "b", "text_neg": ["c"]}
+    with pytest.raises(BadRecord, match=r"field 'type' is 'retri_contrast' \(retrieval\), but the record is read "
+                                        r"as 'classification' \(classification\)"):
+        parse_line(_line({**row, "type": "retri_contrast"}), "classification")
+    with pytest.raises(BadRecord, match=r"'cls_contrast' \(classification\), but the record is read as 'uniem'"):
+        parse_line(_line({**row, "type": "cls_contrast"}), "uniem")
+    with pytest.raises(BadRecord, match=r"'cosent' \(sts\), but the record is read as 'classification'"):
+        parse_line(_line({**row, "type": "cosent"}), "classification")
+    with pytest.raises(ValueError, match="unknown record format 'sts'"):
+        parse_line(_line(row), "sts")
+
+
+def test_teacher_scores():
+    obj = {"query": "q", "pos": ["p1", "p2"], "neg": ["n1"], "pos_scores": [1, 0.5], "neg_scores": [-2.5]}
+    assert parse_line(_line(obj)) == Record("q", ("p1", "p2"), ("n1",), positive_scores=(1.0, 0.5),
+                                            negative_scores=(-2.5,))
+    assert parse_line(_line({"query": "q", "pos": ["p"], "pos_scores": [0.9]})).negative_scores == ()
+    assert parse_line(_line({"query": "q", "pos": ["p"], "neg": [], "pos_scores": [0.9], "neg_scores": []})) == \
+        Record("q", ("p",), positive_scores=(0.9,), negative_scores=())
+
+
+def test_record_to_json_round_trips_every_kind():
+    records = [
+        Record("问", ("答",)),
+        Record("q", ("p1", "p2"), ("n1", "n2"), "为这个句子生成表示："),
+        Record("q", ("p",), ("n1", "n2"), positive_scores=(0.1,), negative_scores=(1e-7, -3.25)),
+        Record("q", ("p",), positive_scores=(2.0,), negative_scores=()),
+        Record("今天天气好", ("天气不错",), task="sts", label=0.1),
+        Record("a", ("b",), task="sts", label=-4.0),
+        Record("电影", ("正面",), ("负面",), task="classification"),
+        Record("t", ("体育", "足球"), ("财经", "科技"), task="classification"),
+    ]
+    for record in records:
+        obj = record_to_json(record)
+        assert record_from_json(json.loads(json.dumps(obj, ensure_ascii=False))) == record, obj
+        assert parse_line(_line(obj)) == record
+
+
 BAD_LINES = {
     "malformed_json": (b'{"text": "a", "text_pos": ', "malformed JSON"),
     "not_an_object": (b'["a", "b"]', "expected a JSON object, got list"),
     "unknown_format": (_line({"question": "a", "answer": "b"}),
-                       r"record has neither 'text' \(uniem\) nor 'query' \(BGE\)"),
+                       r"record has none of 'text' \(uniem / piccolo\), 'sentence1' \(uniem scored pair\), "
+                       r"'query' \(BGE\); keys: \['answer', 'question'\]"),
     "ambiguous": (_line({"text": "a", "text_pos": "b", "query": "c"}), "ambiguous record"),
     "missing_pos": (_line({"text": "a"}), "missing field 'text_pos'"),
     "empty_query": (_line({"text": "  ", "text_pos": "b"}), "field 'text' is empty"),
@@ -58,6 +134,44 @@ BAD_LINES = {
     "lone_surrogate": (b'{"text": "a\\ud800", "text_pos": "b"}', r"invalid unicode \(lone surrogate \\ud800\)"),
     "empty_line": (b"   ", "empty line"),
     "long_line": (_line({"text": "长" * 200, "text_pos": "b"}), r"line is 6\d\d bytes, over max_record_bytes=256"),
+    # scored pairs
+    "label_string": (_line({"sentence1": "a", "sentence2": "b", "label": "0.5"}),
+                     "field 'label' must be a number, got str"),
+    "label_bool": (_line({"text": "a", "text_pair": "b", "label": True}), "field 'label' must be a number, got bool"),
+    "label_nan": (b'{"text": "a", "text_pair": "b", "label": NaN}', "field 'label' must be a finite number, got nan"),
+    "label_overflow": (b'{"text": "a", "text_pair": "b", "label": 1e400}', "field 'label' must be a finite number"),
+    "label_missing": (_line({"sentence1": "a", "sentence2": "b"}), "missing field 'label'"),
+    "sentence2_missing": (_line({"sentence1": "a", "label": 1}), "missing field 'sentence2'"),
+    "pair_and_pos": (_line({"text": "a", "text_pos": "b", "text_pair": "c", "label": 1}),
+                     r"ambiguous record: has both 'text_pos' \(triplet\) and 'text_pair' \(scored pair\)"),
+    "sentence1_and_text": (_line({"sentence1": "a", "sentence2": "b", "text": "c", "label": 1}),
+                           r"ambiguous record: has both 'sentence1' \(uniem\) and 'text' \(piccolo v2\)"),
+    "cosent_without_pair": (_line({"text": "a", "text_pos": "b", "type": "cosent"}), "missing field 'text_pair'"),
+    # classification triplets
+    "cls_no_negatives": (_line({"text": "a", "text_pos": "b", "text_neg": [], "type": "cls_contrast"}),
+                         "field 'text_neg' is empty: a classification record needs at least one negative"),
+    "cls_missing_negatives": (_line({"text": "a", "text_pos": "b", "type": "cls_contrast"}),
+                              "missing field 'text_neg'"),
+    "unknown_type": (_line({"text": "a", "text_pos": "b", "type": "cls-contrast"}),
+                     r"field 'type' must be one of \['cls_contrast', 'cosent', 'retri_contrast'\] \(piccolo v2\), "
+                     "got 'cls-contrast'"),
+    # teacher scores
+    "scores_short": (_line({"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "pos_scores": [1.0], "neg_scores": [0.5]}),
+                     r"field 'neg_scores' has 1 scores for 2 passages in 'neg' \(one score per passage\)"),
+    "scores_long": (_line({"query": "q", "pos": ["p"], "pos_scores": [1.0, 2.0]}),
+                    "field 'pos_scores' has 2 scores for 1 passages in 'pos'"),
+    "score_string": (_line({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": ["x"]}),
+                     r"field 'neg_scores'\[0\] must be a number, got str"),
+    "score_null": (_line({"query": "q", "pos": ["p"], "pos_scores": [None]}),
+                   r"field 'pos_scores'\[0\] must be a number, got NoneType"),
+    "score_not_list": (_line({"query": "q", "pos": ["p"], "pos_scores": 1.0}),
+                       "field 'pos_scores' must be a list of numbers, got float"),
+    "score_infinite": (b'{"query": "q", "pos": ["p"], "pos_scores": [-Infinity]}',
+                       r"field 'pos_scores'\[0\] must be a finite number, got -inf"),
+    "neg_scores_missing": (_line({"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1]}),
+                           "field 'pos_scores' without 'neg_scores': teacher scores need one per passage, and 'neg' has 1"),
+    "pos_scores_missing": (_line({"query": "q", "pos": ["p"], "neg": ["n"], "neg_scores": [1]}),
+                           "field 'neg_scores' without 'pos_scores'"),
 }
 
 

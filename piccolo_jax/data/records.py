@@ -1,20 +1,39 @@
 """Training records and their JSONL formats.
 
-Two formats, told apart per record in "auto" mode by their keys:
+Each record carries its task type, which chooses its loss (piccolo v2's hybrid training):
 
-* uniem / M3E / piccolo: `{"text": q, "text_pos": p}` (pair) or `{"text": q, "text_pos": p,
-  "text_neg": n | [n1, n2, ...]}` (triplet);
-* FlagEmbedding (BGE): `{"query": q, "pos": [p1, ...], "neg": [n1, ...], "prompt": instruction}`, where
-  `neg` and `prompt` are optional and `prompt`, when non-empty, replaces the dataset's query prefix.
+| format (`record_format`) | keys | task |
+|---|---|---|
+| "uniem": uniem / M3E / piccolo | `{"text": q, "text_pos": p}` (pair), `+ "text_neg": n \\| [n1, ...]` (triplet) | retrieval |
+| "bge": FlagEmbedding | `{"query": q, "pos": [p1, ...], "neg": [n1, ...], "prompt": instruction, "pos_scores": [...], "neg_scores": [...]}` | retrieval |
+| "scored_pair": uniem / piccolo v2 | `{"sentence1": a, "sentence2": b, "label": x}` or `{"text": a, "text_pair": b, "label": x}` | sts |
+| "classification": piccolo v2 | `{"text": t, "text_pos": label \\| [labels], "text_neg": [other labels]}` | classification |
 
-Other keys (BGE's pos_scores, type, ...) are ignored. Every text must be a non-empty string that is not
-all whitespace; a violation raises `BadRecord` whose message the reader prefixes with `file:line`.
+In BGE rows `neg`, `prompt` and the teacher scores are optional; `prompt`, when non-empty, replaces
+the dataset's query prefix; `pos_scores` / `neg_scores` hold one teacher (reranker) score per
+passage, both given or neither (`neg_scores` may be left out when there are no negatives). A label
+is any finite JSON number (an STS grade 0..5, a 0/1 pair-classification label, a float); only the
+order of labels matters to CoSENT. A classification record needs at least one negative: its
+negatives are the other labels, never other rows of the batch.
+
+"auto" decides per record by its keys: `query` -> bge; `sentence1` or `text_pair` -> scored_pair;
+`text` -> uniem, or what piccolo v2's `type` column says ("cls_contrast" -> classification, "cosent"
+-> scored_pair). In the uniem / scored_pair / classification formats a `type` must be one of
+piccolo v2's ("retri_contrast", "cosent", "cls_contrast") and agree with the format; an unknown or
+contradicting `type` is a bad record (a misread task would train with the wrong loss). Other
+keys (BGE's `type`, ...) are ignored. Every text must be a non-empty string that is not all
+whitespace; a violation raises `BadRecord` whose message the reader prefixes with `file:line`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+
+TASKS = ("retrieval", "sts", "classification")
+RECORD_FORMATS = ("auto", "uniem", "bge", "scored_pair", "classification")
+PICCOLO_TYPES = {"retri_contrast": "retrieval", "cosent": "sts", "cls_contrast": "classification"}
 
 
 class BadRecord(ValueError):
@@ -23,12 +42,22 @@ class BadRecord(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Record:
-    """One query with its positive passages (>= 1), hard negatives (>= 0) and optional instruction."""
+    """One query with its positive passages (>= 1), hard negatives (>= 0) and optional instruction.
+
+    task: "retrieval" (contrastive), "sts" (CoSENT on (query, positives[0]) with `label`) or
+    "classification" (query against its positive and its own negatives only).
+    label: the similarity label of a scored pair (sts only).
+    positive_scores / negative_scores: teacher scores, one per positive / negative, or None.
+    """
 
     query: str
     positives: tuple[str, ...]
     negatives: tuple[str, ...] = ()
     prompt: str | None = None
+    task: str = "retrieval"
+    label: float | None = None
+    positive_scores: tuple[float, ...] | None = None
+    negative_scores: tuple[float, ...] | None = None
 
 
 def _text(obj: dict, key: str) -> str:
@@ -59,11 +88,72 @@ def _text_list(obj: dict, key: str, *, allow_string: bool, allow_empty: bool) ->
     return tuple(value)
 
 
+def _number(value, where: str) -> float:
+    """A finite JSON number (int or float, not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRecord(f"{where} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise BadRecord(f"{where} must be a finite number, got {value!r}")
+    return number
+
+
+def _scores(obj: dict, key: str, texts_key: str, count: int) -> tuple[float, ...]:
+    value = obj[key]
+    if not isinstance(value, list):
+        raise BadRecord(f"field {key!r} must be a list of numbers, got {type(value).__name__}")
+    if len(value) != count:
+        raise BadRecord(f"field {key!r} has {len(value)} scores for {count} passages in {texts_key!r} "
+                        "(one score per passage)")
+    return tuple(_number(v, f"field {key!r}[{i}]") for i, v in enumerate(value))
+
+
+def _piccolo_type(obj: dict, task: str, record_format: str) -> None:
+    """piccolo v2's `type` column, when present, must name `task`."""
+    if "type" not in obj:
+        return
+    value = obj["type"]
+    if value not in PICCOLO_TYPES:
+        raise BadRecord(f"field 'type' must be one of {sorted(PICCOLO_TYPES)} (piccolo v2), got {value!r}")
+    if PICCOLO_TYPES[value] != task:
+        raise BadRecord(f"field 'type' is {value!r} ({PICCOLO_TYPES[value]}), but the record is read as "
+                        f"{record_format!r} ({task})")
+
+
 def _uniem(obj: dict) -> Record:
+    _piccolo_type(obj, "retrieval", "uniem")
     negatives = ()
     if "text_neg" in obj:
         negatives = _text_list(obj, "text_neg", allow_string=True, allow_empty=True)
     return Record(_text(obj, "text"), (_text(obj, "text_pos"),), negatives)
+
+
+def _classification(obj: dict) -> Record:
+    _piccolo_type(obj, "classification", "classification")
+    text = _text(obj, "text")
+    for key in ("text_pos", "text_neg"):
+        if key not in obj:
+            raise BadRecord(f"missing field {key!r}")
+    positives = _text_list(obj, "text_pos", allow_string=True, allow_empty=False)
+    negatives = _text_list(obj, "text_neg", allow_string=True, allow_empty=True)
+    if not negatives:
+        raise BadRecord("field 'text_neg' is empty: a classification record needs at least one negative "
+                        "label (other rows of the batch are not its negatives)")
+    return Record(text, positives, negatives, task="classification")
+
+
+def _scored_pair(obj: dict) -> Record:
+    _piccolo_type(obj, "sts", "scored_pair")
+    if "sentence1" in obj and "text" in obj:
+        raise BadRecord("ambiguous record: has both 'sentence1' (uniem) and 'text' (piccolo v2)")
+    first, second = ("sentence1", "sentence2") if "sentence1" in obj else ("text", "text_pair")
+    a, b = _text(obj, first), _text(obj, second)
+    if "label" not in obj:
+        raise BadRecord("missing field 'label'")
+    return Record(a, (b,), task="sts", label=_number(obj["label"], "field 'label'"))
 
 
 def _bge(obj: dict) -> Record:
@@ -75,27 +165,50 @@ def _bge(obj: dict) -> Record:
     prompt = obj.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise BadRecord(f"field 'prompt' must be a string, got {type(prompt).__name__}")
-    return Record(query, positives, negatives, prompt or None)
+    positive_scores = negative_scores = None
+    if "pos_scores" in obj:
+        positive_scores = _scores(obj, "pos_scores", "pos", len(positives))
+        if "neg_scores" in obj:
+            negative_scores = _scores(obj, "neg_scores", "neg", len(negatives))
+        elif negatives:
+            raise BadRecord(f"field 'pos_scores' without 'neg_scores': teacher scores need one per passage, "
+                            f"and 'neg' has {len(negatives)}")
+        else:
+            negative_scores = ()
+    elif "neg_scores" in obj:
+        raise BadRecord("field 'neg_scores' without 'pos_scores': teacher scores need one per passage")
+    return Record(query, positives, negatives, prompt or None,
+                  positive_scores=positive_scores, negative_scores=negative_scores)
+
+
+_PARSERS = {"uniem": _uniem, "bge": _bge, "scored_pair": _scored_pair, "classification": _classification}
+
+
+def _detect(obj: dict) -> str:
+    """The format of an "auto" record, from its keys."""
+    if "query" in obj and "text" in obj:
+        raise BadRecord("ambiguous record: has both 'text' (uniem) and 'query' (BGE)")
+    if "query" in obj:
+        return "bge"
+    if "text_pair" in obj and "text_pos" in obj:
+        raise BadRecord("ambiguous record: has both 'text_pos' (triplet) and 'text_pair' (scored pair)")
+    if "sentence1" in obj or "text_pair" in obj:
+        return "scored_pair"
+    if "text" in obj:  # piccolo v2's classification rows share the uniem keys; its `type` tells them apart
+        return {"cls_contrast": "classification", "cosent": "scored_pair"}.get(obj.get("type"), "uniem")
+    raise BadRecord("record has none of 'text' (uniem / piccolo), 'sentence1' (uniem scored pair), "
+                    f"'query' (BGE); keys: {sorted(obj)}")
 
 
 def record_from_json(obj, record_format: str = "auto") -> Record:
-    """A parsed JSON value -> Record, in format "uniem", "bge" or "auto" (decided by the keys)."""
+    """A parsed JSON value -> Record, in one of RECORD_FORMATS ("auto": decided by the keys)."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     if record_format == "auto":
-        if "query" in obj and "text" in obj:
-            raise BadRecord("ambiguous record: has both 'text' (uniem) and 'query' (BGE)")
-        if "query" in obj:
-            record_format = "bge"
-        elif "text" in obj:
-            record_format = "uniem"
-        else:
-            raise BadRecord(f"record has neither 'text' (uniem) nor 'query' (BGE); keys: {sorted(obj)}")
-    if record_format == "uniem":
-        return _uniem(obj)
-    if record_format == "bge":
-        return _bge(obj)
-    raise ValueError(f"unknown record format {record_format!r}")
+        record_format = _detect(obj)
+    if record_format not in _PARSERS:
+        raise ValueError(f"unknown record format {record_format!r}; expected one of {RECORD_FORMATS}")
+    return _PARSERS[record_format](obj)
 
 
 def parse_line(raw: bytes, record_format: str = "auto") -> Record:
@@ -121,8 +234,22 @@ def parse_line(raw: bytes, record_format: str = "auto") -> Record:
 
 
 def record_to_json(record: Record) -> dict:
-    """Record -> the BGE JSON form (lossless for both formats)."""
+    """Record -> JSON that `record_from_json(_, "auto")` reads back to an equal Record.
+
+    retrieval: the BGE form (with `pos_scores` / `neg_scores` when the record has teacher scores);
+    sts: piccolo v2's `{"text", "text_pair", "label"}`; classification: piccolo v2's `{"text",
+    "text_pos", "text_neg", "type": "cls_contrast"}` (`text_pos` a string when there is one label).
+    """
+    if record.task == "sts":
+        return {"text": record.query, "text_pair": record.positives[0], "label": record.label}
+    if record.task == "classification":
+        positives = record.positives[0] if len(record.positives) == 1 else list(record.positives)
+        return {"text": record.query, "text_pos": positives, "text_neg": list(record.negatives),
+                "type": "cls_contrast"}
     obj = {"query": record.query, "pos": list(record.positives), "neg": list(record.negatives)}
     if record.prompt:
         obj["prompt"] = record.prompt
+    if record.positive_scores is not None:
+        obj["pos_scores"] = list(record.positive_scores)
+        obj["neg_scores"] = list(record.negative_scores or ())
     return obj
