@@ -116,7 +116,7 @@ def test_distill_matches_sentence_transformers():
     fn = lambda *e: matryoshka_loss(lambda q, p, n: distill_kl_loss(q, p, n, scores, tau, teacher_temperature=tau),
                                     e, DIMS,
                                     [1.0, 0.5, 0.25])[0]
-    loss, grads = jax.value_and_grad(fn, (0, 1, 2))(q, p, negs)
+    loss, grads = jax.jit(jax.value_and_grad(fn, (0, 1, 2)))(q, p, negs)
     # DistillKLDivLoss rescales by the temperature squared (see distill_kl_loss)
     np.testing.assert_allclose(tau**2 * float(loss), want, rtol=RTOL, atol=1e-8)
     assert_grads_close([tau**2 * g for g in [grads[0], grads[1]] + [grads[2][:, k] for k in range(3)]],

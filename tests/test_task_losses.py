@@ -107,7 +107,7 @@ def test_cosent_matches_numpy_pairs(batch, ties, tau):
 def test_cosent_equal_labels_give_zero_loss_and_gradient():
     a, b, _ = raw_embeddings(6, 0)
     fn = lambda a, b: cosent_loss(normalise(a), normalise(b), np.full(6, 3.0, np.float32))[0]
-    loss, grads = jax.value_and_grad(fn, (0, 1))(a, b)
+    loss, grads = jax.jit(jax.value_and_grad(fn, (0, 1)))(a, b)
     assert float(loss) == 0.0 and all(float(jnp.max(jnp.abs(g))) == 0.0 for g in grads)
 
 
@@ -282,7 +282,7 @@ def test_distill_matches_flag_embedding_up_to_the_teacher_entropy():
     scores = teacher_scores(12, 4, seed=18)
     tau = 0.02  # BGE's temperature
     want, entropy, want_grads = flag_embedding_kl_div(q, p, negs, scores, tau)
-    loss, grads = jax.value_and_grad(lambda *a: _distill(tau)(*a)[0], (0, 1, 2))(q, p, negs, scores)
+    loss, grads = jax.jit(jax.value_and_grad(lambda *a: _distill(tau)(*a)[0], (0, 1, 2)))(q, p, negs, scores)
     np.testing.assert_allclose(float(loss) + entropy, want, rtol=RTOL, atol=2e-7 / tau)
     assert_grads_close(grads, want_grads)
 
@@ -306,7 +306,7 @@ def test_distill_one_hot_teacher_stays_finite():
     """A teacher softmax that underflows to exact zeros (spread / T >> 100): 0 log 0 = 0, no NaN."""
     q, p, negs = raw_embeddings(6, 3, seed=21)
     scores = teacher_scores(6, 3, seed=22, spread=1e4)
-    loss, grads = jax.value_and_grad(lambda *a: _distill(0.05)(*a)[0], (0, 1, 2))(q, p, negs, scores)
+    loss, grads = jax.jit(jax.value_and_grad(lambda *a: _distill(0.05)(*a)[0], (0, 1, 2)))(q, p, negs, scores)
     assert np.isfinite(float(loss)) and all(np.all(np.isfinite(g)) for g in grads)
     want, _ = st_distill(q, p, negs, scores, 0.05, 1.0)
     np.testing.assert_allclose(0.05**2 * float(loss), want, rtol=RTOL, atol=1e-7)
@@ -335,12 +335,12 @@ def test_weighted_sum_adds_losses_and_keeps_metrics_per_term():
             "report_only": (0.0, own_negatives_loss(q, p, n, 0.05)),
         })
 
-    (loss, metrics), grads = jax.value_and_grad(combined, (0, 1, 2), has_aux=True)(q, p, negs)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(combined, (0, 1, 2), has_aux=True))(q, p, negs)
     parts = [lambda *a: hard_negative_loss(*map(normalise, a), 0.02)[0],
              lambda *a: distill_kl_loss(*map(normalise, a), scores, 0.02)[0]]
     want = parts[0](q, p, negs) + 0.5 * parts[1](q, p, negs)
     np.testing.assert_allclose(float(loss), float(want), rtol=RTOL)
-    want_grads = [a + 0.5 * b for a, b in zip(*(jax.grad(f, (0, 1, 2))(q, p, negs) for f in parts))]
+    want_grads = [a + 0.5 * b for a, b in zip(*(jax.jit(jax.grad(f, (0, 1, 2)))(q, p, negs) for f in parts))]
     for g, w in zip(grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL)
     assert metrics["distill/loss"] == metrics["distill/kl"]
