@@ -17,19 +17,39 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from piccolo_jax.run_dir import RunError
+from piccolo_jax.run_dir import RunError, checkpoint_complete
+from piccolo_jax.storage import as_path
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RunError):
     """A checkpoint could not be written (or none of the existing ones could be read)."""
+
+
+def _quiet_closed_loop_reports() -> None:
+    """When a save fails (full disk), Orbax's save thread ends its event loop while tensorstore still
+    completes the other writes of that save; each completion finds the loop closed and reports it as an
+    unraisable exception: dozens of identical tracebacks on stderr, echoes of the one failure the trainer
+    reports in one line. Drop exactly those (installed once per process), keep every other report."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def error_reason(e: BaseException) -> str:
@@ -51,11 +71,13 @@ class Checkpointer:
     """Periodic asynchronous checkpoints of (train state, loader state) in `directory`."""
 
     def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._last_started: int | None = None  # step of the latest save started
+        self._broken = False  # a save failed (see close)
+        _quiet_closed_loop_reports()
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -64,12 +86,13 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def saved_steps(self) -> list[int]:
-        """Steps whose checkpoint is complete on disk (Orbax renames a finished save to its step number)."""
-        if not self.directory.is_dir():
+        """Steps whose checkpoint is complete (see run_dir.checkpoint_complete)."""
+        if not self.directory.exists():
             return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        return sorted(int(p.name) for p in self.directory.iterdir() if checkpoint_complete(p))
 
     def _failed(self, step: int, e: BaseException) -> CheckpointError:
+        self._broken = True
         done = [s for s in self.saved_steps() if s != step]
         last = f"step {done[-1]} ({self.directory / str(done[-1])})" if done else "none"
         return CheckpointError(f"saving the checkpoint of step {step} to {self.directory} failed: "
@@ -125,10 +148,16 @@ class Checkpointer:
             raise self._failed(-1 if self._last_started is None else self._last_started, e) from None
 
     def close(self) -> None:
+        """Finish the last save and release Orbax's threads. After a failed save this does nothing: Orbax's
+        writes may still be failing in the background, and closing its event loop under them prints their
+        errors; the process is about to leave with `os._exit` anyway."""
+        if self._broken:
+            return
         try:
             self.wait()
         finally:
-            self._manager.close()
+            if not self._broken:
+                self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

@@ -288,8 +288,10 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] = (),
     return cfg
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def save_config(cfg: TrainConfig, path) -> None:
+    from piccolo_jax.storage import as_path
+
+    as_path(path).write_text(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def config_from_dict(tree: dict) -> TrainConfig:

@@ -66,7 +66,7 @@ def _row_ids(b: int, k: int) -> dict[str, jax.Array]:
     return ids
 
 
-def _encode_rows(encode_fn, params, t: dict, rows: dict, key, k: int):
+def _encode_rows(encode_fn, params, t: dict, rows: dict, key, k: int, constrain=lambda x, axis: x):
     """Embeddings of one set of rows: q [b, D], p [b, D], negs [b, K, D] | None."""
     keys = (lambda r: None) if key is None else (lambda r: row_keys(key, r.reshape(-1)))  # noqa: E731
     q = encode_fn(params, t["q_ids"], t["q_mask"], keys(rows["q"]))
@@ -77,6 +77,8 @@ def _encode_rows(encode_fn, params, t: dict, rows: dict, key, k: int):
     d_ids = jnp.concatenate([t["p_ids"], t["n_ids"].reshape(b * k, tp)])
     d_mask = jnp.concatenate([t["p_mask"], t["n_mask"].reshape(b * k, tp)])
     d_keys = None if key is None else jnp.concatenate([keys(rows["p"]), keys(rows["n"])])
+    d_ids, d_mask = constrain(d_ids, 0), constrain(d_mask, 0)
+    d_keys = None if d_keys is None else constrain(d_keys, 0)
     d = encode_fn(params, d_ids, d_mask, d_keys)
     return q, d[:b], d[b:].reshape(b, k, -1)
 
@@ -99,7 +101,7 @@ def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Bat
 
     if num_chunks == 1:
         def total_loss(p):
-            q, d, n = _encode_rows(encode_fn, p, towers, rows, key, k)
+            q, d, n = _encode_rows(encode_fn, p, towers, rows, key, k, constrain)
             return loss_fn(q, d, n)
         (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
         return loss, metrics, grads

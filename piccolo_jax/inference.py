@@ -155,17 +155,13 @@ class Encoder:
             else the model's position count (512).
         """
         from piccolo_jax import params_io
+        from piccolo_jax.run_dir import resolve_model_dir
+        from piccolo_jax.storage import local_copy
 
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such model directory")
-        if (path / "export" / "model").is_dir():  # a run directory: its exported model
-            path = path / "export" / "model"
-        elif any((path / name).exists() for name in ("checkpoints", "train.log", "metrics.jsonl")):
-            raise FileNotFoundError(f"{path}: a training run directory without an export (no export/model: the "
-                                    "run has not finished; rerun its train command to finish and export it)")
+        path = resolve_model_dir(path)  # a run directory stands for its export/model; URLs allowed
+        small_files = local_copy(path, params_io.TOKENIZER_FILES + ("config.json", "sentence_bert_config.json"))
         if params_io.is_model_dir(path):
-            cfg = ModelConfig.from_json_file(path / "config.json", compute_dtype=dtype)
+            cfg = ModelConfig.from_json_file(small_files / "config.json", compute_dtype=dtype)
             mesh = default_mesh(strategy) if mesh is None else mesh
             _, abstract, logical = abstract_model(cfg)  # restore straight into the final shardings
             shardings = sharding.param_shardings(abstract, logical, mesh, strategy)
@@ -175,13 +171,13 @@ class Encoder:
         elif (path / "config.json").is_file():
             from piccolo_jax.hf import load_hf_model
 
-            cfg, params, _ = load_hf_model(path, compute_dtype=dtype)
+            cfg, params, _ = load_hf_model(local_copy(path), compute_dtype=dtype)
         else:
             raise FileNotFoundError(f"{path}: neither a piccolo-jax model directory (config.json + params/), "
                                     "a Hugging Face directory (config.json + weights) nor a run directory "
                                     "(export/model)")
-        return cls(cfg, params, Tokenizer.from_dir(path), mesh=mesh, strategy=strategy,
-                   max_length=max_length or _st_max_seq_length(path), tokens_per_batch=tokens_per_batch)
+        return cls(cfg, params, Tokenizer.from_dir(small_files), mesh=mesh, strategy=strategy,
+                   max_length=max_length or _st_max_seq_length(small_files), tokens_per_batch=tokens_per_batch)
 
     @property
     def default_tokens_per_batch(self) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 
 from piccolo_jax.accelerators import peak_flops
 from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.storage import ObjectText
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,14 @@ def step_flops(cfg: ModelConfig, host_batch: dict, process_count: int, num_chunk
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl, and scalars to TensorBoard (tb/)."""
+    """Appends one JSON object per logged step to metrics.jsonl, and scalars to TensorBoard (tb/).
+
+    On object storage metrics.jsonl is rewritten every 30 s and at the end (`storage.ObjectText`).
+    """
 
     def __init__(self, workdir: Path, enabled: bool = True):
         self.enabled = enabled
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8") if enabled else None
+        self._jsonl = ObjectText(workdir / "metrics.jsonl") if enabled else None
         self._tb = None
         if enabled:
             try:
@@ -66,10 +70,12 @@ class MetricsLog:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            if self._jsonl is not None:
+                self._jsonl.close()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
 
 
 _ACTIVE_BARS: list = []  # tqdm bars on screen; log lines are written above them
@@ -91,6 +97,30 @@ class _ConsoleHandler(logging.StreamHandler):
 
 def console_handler() -> logging.Handler:
     return _ConsoleHandler(sys.stdout)
+
+
+class RunLogHandler(logging.Handler):
+    """WORKDIR/train.log, appended locally; on object storage rewritten every 30 s and on close."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.text = ObjectText(path)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.text.write(self.format(record) + "\n")
+            self.text.flush()
+        except Exception:
+            self.handleError(record)
+
+    def flush_now(self) -> None:
+        self.text.flush(force=True)
+
+    def close(self) -> None:
+        try:
+            self.text.close()
+        finally:
+            super().close()
 
 
 def _rate(x: float) -> str:

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.storage import as_path, is_url, local_copy
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -68,7 +69,9 @@ def atomic_directory(dest: str | os.PathLike, write: Callable[[Path], None], ove
 def apply_umask(root: Path) -> None:
     """Give `root` and everything under it the permissions a plain mkdir / open would (0777 / 0666 less
     the umask): temporary directories are created 0700 and some writers create files 0600, which would
-    leave a model on a shared disk unreadable by others."""
+    leave a model on a shared disk unreadable by others. (Objects in a bucket have no modes.)"""
+    if is_url(root):
+        return
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(root, 0o777 & ~umask)
@@ -93,14 +96,18 @@ def read_params(path: Path, abstract: Any | None = None) -> Any:
 
     ckptr = ocp.StandardCheckpointer()
     target = None if abstract is None else to_storage(abstract)
-    return from_storage(ckptr.restore(Path(path).absolute(), target))
+    return from_storage(ckptr.restore(as_path(path), target))
 
 
-def copy_side_files(src: Path, dst: Path, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
-    copied = []
+def copy_side_files(src, dst, names: tuple[str, ...] = TOKENIZER_FILES) -> list[str]:
+    """Copy the files `names` that `src` has into `dst` (either may be a URL); returns those copied."""
+    src, dst, copied = as_path(src), as_path(dst), []
     for name in names:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            if is_url(src) or is_url(dst):
+                (dst / name).write_bytes((src / name).read_bytes())
+            else:
+                shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
 
@@ -125,7 +132,7 @@ def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Shapes of the tensors in a `params/` checkpoint from its metadata alone (nothing is read)."""
     import orbax.checkpoint as ocp
 
-    tree = ocp.StandardCheckpointer().metadata(Path(path).absolute())
+    tree = ocp.StandardCheckpointer().metadata(as_path(path))
     tree = getattr(tree, "item_metadata", tree)  # Orbax >= 0.11 wraps the tree
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {"/".join(str(getattr(k, "key", k)) for k in keypath): tuple(leaf.shape) for keypath, leaf in flat}
@@ -153,15 +160,25 @@ def check_shapes_match(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], sou
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "config.json").is_file() and (Path(path) / PARAMS_SUBDIR).is_dir()
+    path = as_path(path)
+    return (path / "config.json").is_file() and (path / PARAMS_SUBDIR).is_dir()
 
 
 def load_model_dir(path: str | os.PathLike, abstract: Any | None = None,
                    **config_overrides: Any) -> tuple[ModelConfig, Any]:
     """Read (config, params) from a directory written by `save_model_dir`."""
-    path = Path(path)
+    path = as_path(path)
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path}: not a piccolo-jax model directory (needs config.json and {PARAMS_SUBDIR}/)")
-    cfg = ModelConfig.from_json_file(path / "config.json", **config_overrides)
-    check_shapes_match(cfg, stored_shapes(path / PARAMS_SUBDIR), str(path))
+    cfg = ModelConfig.from_json_file(local_copy(path, ("config.json",)) / "config.json", **config_overrides)
+    shapes = stored_shapes(path / PARAMS_SUBDIR)
+    check_shapes_match(cfg, shapes, str(path))
+    if any(name.split("/")[1].isdigit() for name in shapes if name.startswith("layers/")):
+        # Saved before the layers were stacked ([L, ...] arrays): read as stored, stack, then place.
+        from piccolo_jax.model import stack_layers
+
+        params = jax.tree.map(np.asarray, stack_layers(read_params(path / PARAMS_SUBDIR)))
+        if abstract is not None:
+            params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, abstract))
+        return cfg, params
     return cfg, read_params(path / PARAMS_SUBDIR, abstract)

@@ -28,7 +28,9 @@ from piccolo_jax.data.loader import Loader
 from piccolo_jax.data.records import BadRecord
 from piccolo_jax.data.sources import Source, open_sources
 from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.run_dir import EXPORT_DIR, UsageError, last_checkpoint_note
+from piccolo_jax.params_io import TOKENIZER_FILES
+from piccolo_jax.run_dir import UsageError, resolve_model_dir
+from piccolo_jax.storage import as_path, is_url, local_copy
 from piccolo_jax.tokenization import Tokenizer
 
 # Architecture fields taken from an --init checkpoint; the run's config keeps dropout / dtype / remat.
@@ -56,17 +58,13 @@ class Preflight:
 
 def model_source(init: str) -> Path:
     """The model directory an --init path stands for (a run directory stands for its export/model)."""
-    path = Path(init)
-    if not path.exists():
-        raise UsageError(f"--init {init}: no such directory")
+    try:
+        path = resolve_model_dir(init)
+    except FileNotFoundError as e:
+        raise UsageError(f"--init {e}") from None
     if not path.is_dir():
         raise UsageError(f"--init {init}: not a directory (expected an HF directory, a piccolo-jax model "
                          "directory or a run directory)")
-    if (path / EXPORT_DIR / "model").is_dir():
-        return path / EXPORT_DIR / "model"
-    if (path / "checkpoints").is_dir() or (path / "train.log").is_file():
-        raise UsageError(f"--init {init}: a run directory without an export ({last_checkpoint_note(path)}); "
-                         "rerun its own command to finish it, then --init from it")
     return path
 
 
@@ -82,7 +80,7 @@ def load_init(init: str, model_cfg: ModelConfig) -> tuple[ModelConfig, Any, str,
             cfg, params = load_model_dir(path, **keep)
             return cfg, params, f"piccolo-jax model {path}", path
         if (path / "config.json").is_file():
-            cfg, params, report = load_hf_model(path, **keep)
+            cfg, params, report = load_hf_model(local_copy(path), **keep)
             return cfg, params, (f"Hugging Face model {path} (not converted: {report['ignored_head_tensors']} "
                                  f"pre-training head tensors, {report['ignored_buffers']} buffers)"), path
     except (ConversionError, ValueError, OSError) as e:
@@ -97,7 +95,7 @@ def resolve_tokenizer(cfg: TrainConfig, init_dir: Path | None) -> tuple[str, str
     if cfg.tokenizer:
         return cfg.tokenizer, "set by `tokenizer`"
     if init_dir is not None:
-        if not any((init_dir / f).is_file() for f in TOKENIZER_MARKERS):
+        if not any((as_path(init_dir) / f).is_file() for f in TOKENIZER_MARKERS):
             raise UsageError(f"--init {cfg.init}: {init_dir} has no tokenizer ({' or '.join(TOKENIZER_MARKERS)}); "
                              "set tokenizer=DIR to the tokenizer this model was trained with")
         return str(init_dir), "the --init model's own"
@@ -177,13 +175,15 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
         model_cfg, init_params, init_note, init_dir = load_init(cfg.init, cfg.model)
     tokenizer_dir, why = resolve_tokenizer(cfg, init_dir)
     try:
-        tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        tokenizer = Tokenizer.from_dir(local_copy(tokenizer_dir, TOKENIZER_FILES))
     except (ValueError, OSError) as e:
         raise UsageError(f"tokenizer: {e}") from None
     warnings += check_tokenizer(tokenizer, model_cfg, f"tokenizer {tokenizer_dir} ({why})")
     notes.append(f"tokenizer {tokenizer_dir} ({why}): {tokenizer.vocab_size:,} tokens")
     cfg = dataclasses.replace(cfg, model=model_cfg, tokenizer=tokenizer_dir)
-    if cfg.run.eval_path and "://" not in cfg.run.eval_path and not os.path.exists(cfg.run.eval_path):
+    if is_url(cfg.run.eval_path):
+        raise UsageError(f"run.eval_path {cfg.run.eval_path}: evaluation tasks are read from a local path")
+    if cfg.run.eval_path and not os.path.exists(cfg.run.eval_path):
         raise UsageError(f"run.eval_path {cfg.run.eval_path}: no such file or directory")
 
     from piccolo_jax.attention import describe_attention

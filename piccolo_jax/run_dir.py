@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
 from pathlib import Path
+
+from piccolo_jax.storage import as_path, is_url, remove_tree
 
 log = logging.getLogger("piccolo_jax")
 
@@ -76,6 +77,27 @@ def export_step(workdir: Path) -> int | None:
         return None
 
 
+def is_run_dir(path) -> bool:
+    path = as_path(path)
+    return any((path / name).exists() for name in ("checkpoints", "train.log", EXPORT_DIR))
+
+
+def resolve_model_dir(path) -> Path:
+    """The model directory a path stands for: a run directory stands for its complete export's model/.
+
+    Raises FileNotFoundError with one line for a missing path and for a run without a complete export.
+    """
+    path = as_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    if is_run_dir(path):
+        if export_step(path) is None:
+            raise FileNotFoundError(f"{path}: a run directory without an export ({last_checkpoint_note(path)}); "
+                                    "rerun its own train command to finish it")
+        return path / EXPORT_DIR / "model"
+    return path
+
+
 def run_state(latest_checkpoint: int | None, exported: int | None, steps: int) -> str:
     """One of fresh / partial / trained / complete / beyond (see the module docstring)."""
     if latest_checkpoint is None:
@@ -95,15 +117,23 @@ def clean_temporaries(workdir: Path) -> list[str]:
             continue
         for entry in path.iterdir():
             if entry.name.startswith(_TEMPORARY_PREFIXES):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-                removed.append(str(entry.relative_to(workdir)))
+                remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+                removed.append(f"{path.name + '/' if path != workdir else ''}{entry.name}")
     return removed
+
+
+def checkpoint_complete(step_dir) -> bool:
+    """A finished Orbax checkpoint: renamed to its step number locally; on object storage (no rename)
+    the step directory exists early and Orbax writes commit_success.txt last."""
+    if not step_dir.name.isdigit():
+        return False
+    return not is_url(step_dir) or (step_dir / "commit_success.txt").exists()
 
 
 def last_checkpoint_note(workdir: Path) -> str:
     """'last checkpoint: step s (WORKDIR/checkpoints/s)' from the directory alone (no Orbax, no JAX)."""
-    ckpt = workdir / "checkpoints"
-    steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+    ckpt = as_path(workdir) / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpt.iterdir() if checkpoint_complete(p)) if ckpt.exists() else []
     if not steps:
         return "no checkpoint yet (a rerun starts from the beginning)"
     return f"last checkpoint: step {steps[-1]} ({ckpt / str(steps[-1])})"
@@ -129,7 +159,7 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: Path):
-        self.path = workdir / LOCK_FILE
+        self.path = as_path(workdir) / LOCK_FILE
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -146,11 +176,14 @@ class WorkdirLock:
         if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
             return _pid_alive(holder["pid"])
         try:
-            return time.time() - self.path.stat().st_mtime < LOCK_STALE_S
+            stat = self.path.stat()
         except FileNotFoundError:
             return False
+        return time.time() - getattr(stat, "st_mtime", getattr(stat, "mtime", 0)) < LOCK_STALE_S
 
     def acquire(self) -> None:
+        if is_url(self.path):
+            return self._acquire_object()
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -176,10 +209,27 @@ class WorkdirLock:
             return
         raise RunError(f"could not take the lock {self.path} (it keeps changing)")
 
+    def _acquire_object(self) -> None:
+        """Object storage has no exclusive create: the lock there is advisory (two trainers started within
+        the same second can both pass); a live holder is one whose object is fresh or whose PID lives here."""
+        holder = self._holder()
+        if holder is not None and self._is_live(holder):
+            raise UsageError(f"{self.path.parent} is in use by another trainer: host {holder.get('host')}, pid "
+                             f"{holder.get('pid')}, started {holder.get('started')}; stop it or use another --workdir")
+        if holder is not None:
+            log.warning("taking over the stale lock %s of host %s, pid %s (no longer running)", self.path,
+                        holder.get("host"), holder.get("pid"))
+        self.path.write_text(json.dumps(self.me), encoding="utf-8")
+        self._thread = threading.Thread(target=self._refresh, name="piccolo-lock", daemon=True)
+        self._thread.start()
+
     def _refresh(self) -> None:
         while not self._stop.wait(LOCK_REFRESH_S):
             try:
-                os.utime(self.path)
+                if is_url(self.path):
+                    self.path.write_text(json.dumps(self.me), encoding="utf-8")  # objects have no utime
+                else:
+                    os.utime(self.path)
             except OSError:
                 pass
 

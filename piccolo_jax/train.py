@@ -31,11 +31,12 @@ from piccolo_jax import memory, sharding
 from piccolo_jax.checkpoint import Checkpointer, abstract_like, error_reason
 from piccolo_jax.config import TrainConfig, save_config
 from piccolo_jax.export import write_export
-from piccolo_jax.metrics_log import MetricsLog, ProgressBar, console_handler, step_flops
+from piccolo_jax.metrics_log import MetricsLog, ProgressBar, RunLogHandler, console_handler, step_flops
 from piccolo_jax.model import count_params
 from piccolo_jax.optim import learning_rate_schedule, make_optimizer
 from piccolo_jax.preflight import Preflight, preflight
 from piccolo_jax.runtime import configure
+from piccolo_jax.storage import ObjectText, as_path, check_bucket, is_url
 from piccolo_jax.run_dir import (EXIT_USAGE, RunError, UsageError, WorkdirLock, clean_temporaries, export_step,
                                  last_checkpoint_note, run_state)
 from piccolo_jax.train_step import STOP_KEY, TrainState, create_train_state, make_train_step
@@ -79,7 +80,7 @@ def setup_logging(workdir: Path | None) -> logging.Handler | None:
         log.addHandler(handler)
     if workdir is None or jax.process_index() != 0:
         return None
-    file_handler = logging.FileHandler(workdir / "train.log", encoding="utf-8")
+    file_handler = RunLogHandler(workdir / "train.log")
     file_handler.setFormatter(fmt)
     log.addHandler(file_handler)
     # Orbax reports failures of its background threads through absl's logger with full tracebacks; they
@@ -107,10 +108,15 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     Raises RunError (UsageError for bad configuration or input) with a one-line message; every way out
     leaves the directory resumable by the same call.
     """
-    workdir = Path(workdir).absolute()
+    workdir = as_path(workdir)
     with StopRequested() as stop, contextlib.ExitStack() as cleanup:
         setup_logging(None)
         runtime_notes = configure(cfg.run)
+        if is_url(workdir):
+            try:
+                check_bucket(str(workdir), "--workdir")
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         pre: Preflight | None = None
         try:
             mesh = sharding.make_mesh(cfg.parallel)
@@ -158,8 +164,9 @@ def _append_to_existing_log(workdir: Path, error: RunError) -> None:
     if jax.process_index() != 0 or not (workdir / "train.log").is_file():
         return
     try:
-        with open(workdir / "train.log", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} ERROR start refused: {error}\n")
+        text = ObjectText(workdir / "train.log")
+        text.write(f"{time.strftime('%H:%M:%S')} ERROR start refused: {error}\n")
+        text.close()
     except OSError:
         pass
 
@@ -365,8 +372,9 @@ def abandon(message: str, code: int = 1) -> None:
     """Log `message` and leave the process now. For failures after which nothing can be closed cleanly
     (a dead peer process: every collective, checkpoint barrier and shutdown would wait for it)."""
     for handler in log.handlers:  # train.log; the console gets the message on stderr below
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, RunLogHandler):
             handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None))
+            handler.flush_now()
         handler.flush()
     sys.stdout.flush()
     sys.stderr.write(message + "\n")

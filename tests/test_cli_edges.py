@@ -34,6 +34,7 @@ def models(tmp_path_factory):
     run = root / "run"
     our_cfg, params, _ = load_hf_model(hf)
     save_model_dir(run / "export" / "model", our_cfg, params, side_files_from=str(hf))
+    (run / "export" / "export.json").write_text('{"step": 20}\n')  # what marks a run's export complete
     (run / "checkpoints" / "20").mkdir(parents=True)
     (run / "config.json").write_text("{}\n")
     unfinished = root / "unfinished"

@@ -134,8 +134,8 @@ def test_chunked_tokenisation_gives_the_same_rows(enc8, monkeypatch):
 def test_fsdp_shards_parameters_and_matches(hf_model, enc8):
     cfg, params, tok = hf_model
     enc = Encoder(cfg, params, tok, strategy="fsdp", max_length=MAX_LEN)
-    kernel = enc.params["layers"][0]["ffn_in"]["kernel"]
-    assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 8  # split 8 ways, not replicated
+    kernel = enc.params["layers"]["ffn_in"]["kernel"]  # [L, D, F], D split over fsdp
+    assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 8  # split 8 ways, not replicated
     np.testing.assert_allclose(enc.encode(TEXTS, tokens_per_batch=BUDGET),
                                enc8.encode(TEXTS, tokens_per_batch=BUDGET), atol=1e-5, rtol=0)
 

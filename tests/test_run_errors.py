@@ -86,7 +86,7 @@ def test_expected_errors_are_one_line_and_leave_nothing(tmp_path):
     cases = [
         (['data.paths=["nowhere"]'], [], "nowhere: no such dataset file or directory"),
         ([], ["--init", str(tmp_path / "empty")], "not an HF directory"),
-        ([], ["--init", str(tmp_path / "missing")], "no such directory"),
+        ([], ["--init", str(tmp_path / "missing")], "no such model directory"),
         ([f'data.paths=["{bad_data}"]'], [], "mine.jsonl:18: missing field 'text_pos'"),
         ([], ["--init", str(_bad_hf_dir(tmp_path))], "encoder.layer.0.attention.self.query.weight"),
         ([], ["--init", str(_absurd_model_dir(tmp_path))], "1 layers are stored, but config.json says "

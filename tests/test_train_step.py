@@ -248,22 +248,23 @@ def split_axes(sharding, ndim: int) -> tuple[tuple[str, ...], ...]:
 
 
 SHAPES = [x.shape for x in jax.tree.leaves(jax.eval_shape(lambda: init_params(CFG, jax.random.key(0))))]
-QUERY, OUT = ("layers", 0, "attention", "query"), ("layers", 0, "attention", "output")
-FFN_IN, FFN_OUT = ("layers", 0, "ffn_in"), ("layers", 0, "ffn_out")
-WORD, LN = ("embeddings", "word"), ("layers", 0, "ffn_norm")
+QUERY, OUT = ("layers", "attention", "query"), ("layers", "attention", "output")
+FFN_IN, FFN_OUT = ("layers", "ffn_in"), ("layers", "ffn_out")
+WORD, LN = ("embeddings", "word"), ("layers", "ffn_norm")
 F, T = ("fsdp",), ("tensor",)
+L = ((),)  # the leading "layers" axis of the stacked blocks: never split
 # Expected split of representative parameters, written out by hand from the strategies' definitions:
 # fsdp splits each "embed" (model width) dimension over fsdp; tensor splits heads / mlp / vocab dimensions.
 EXPECTED_PARAMS = {
-    ((4, 2, 1), "fsdp"): {QUERY + ("kernel",): (F, ()), QUERY + ("bias",): ((),), OUT + ("kernel",): ((), F),
-                          FFN_IN + ("kernel",): (F, ()), FFN_OUT + ("kernel",): ((), F),
-                          WORD + ("embedding",): ((), F), LN + ("scale",): (F,)},
-    ((2, 1, 4), "dp"): {QUERY + ("kernel",): ((), T), QUERY + ("bias",): (T,), OUT + ("kernel",): (T, ()),
-                        OUT + ("bias",): ((),), FFN_IN + ("kernel",): ((), T), FFN_IN + ("bias",): (T,),
-                        FFN_OUT + ("kernel",): (T, ()), WORD + ("embedding",): (T, ()), LN + ("scale",): ((),)},
-    ((2, 2, 2), "fsdp"): {QUERY + ("kernel",): (F, T), QUERY + ("bias",): (T,), OUT + ("kernel",): (T, F),
-                          FFN_IN + ("kernel",): (F, T), FFN_OUT + ("kernel",): (T, F),
-                          WORD + ("embedding",): (T, F), LN + ("scale",): (F,)},
+    ((4, 2, 1), "fsdp"): {QUERY + ("kernel",): L + (F, ()), QUERY + ("bias",): L + ((),),
+                          OUT + ("kernel",): L + ((), F), FFN_IN + ("kernel",): L + (F, ()),
+                          FFN_OUT + ("kernel",): L + ((), F), WORD + ("embedding",): ((), F), LN + ("scale",): L + (F,)},
+    ((2, 1, 4), "dp"): {QUERY + ("kernel",): L + ((), T), QUERY + ("bias",): L + (T,), OUT + ("kernel",): L + (T, ()),
+                        OUT + ("bias",): L + ((),), FFN_IN + ("kernel",): L + ((), T), FFN_IN + ("bias",): L + (T,),
+                        FFN_OUT + ("kernel",): L + (T, ()), WORD + ("embedding",): (T, ()), LN + ("scale",): L + ((),)},
+    ((2, 2, 2), "fsdp"): {QUERY + ("kernel",): L + (F, T), QUERY + ("bias",): L + (T,), OUT + ("kernel",): L + (T, F),
+                          FFN_IN + ("kernel",): L + (F, T), FFN_OUT + ("kernel",): L + (T, F),
+                          WORD + ("embedding",): (T, F), LN + ("scale",): L + (F,)},
 }
 EXPECTED_PARAMS[((2, 1, 4), "zero1")] = EXPECTED_PARAMS[((2, 1, 4), "dp")]  # zero1 = dp for parameters
 
@@ -291,8 +292,10 @@ def check_shardings(mesh_shape, strategy, shardings):
             assert m_axes == p_axes  # moments follow the parameters
     for path, axes in EXPECTED_PARAMS.get((mesh_shape, strategy), {}).items():
         assert split_axes(leaf(params, path), len(axes)) == axes, (path, leaf(params, path).spec)
-    if strategy == "fsdp":  # every matrix is split over fsdp
-        assert all(F in split_axes(s, 2) for s, shape in zip(jax.tree.leaves(params), SHAPES) if len(shape) == 2)
+    if strategy == "fsdp":  # every matrix (kernel, embedding table; stacked or not) is split over fsdp
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        assert all(F in split_axes(s, len(shape)) for (path, s), shape in zip(flat, SHAPES, strict=True)
+                   if path[-1].key in ("kernel", "embedding"))
 
 
 @pytest.mark.parametrize("mesh_shape,strategy,kind", CONFIGS, ids=IDS)
@@ -324,7 +327,7 @@ def test_non_finite_loss_skips_update():
     config = ((4, 2, 1), "fsdp", "gte", 1)
     mesh, optimizer, _, _ = step_setup(*config)
     params = jax.tree.map(np.copy, host_params())
-    params["layers"][0]["ffn_in"]["bias"][5] = np.nan  # every embedding, hence the loss, becomes NaN
+    params["layers"]["ffn_in"]["bias"][0, 5] = np.nan  # layer 0 of the stacked blocks  # every embedding, hence the loss, becomes NaN
     state = create_train_state(CFG, optimizer, mesh, "fsdp", jax.random.key(0), params=params)
     opt_before = jax.tree.map(np.asarray, state.opt_state)
     new_state, metrics = call_step(config, state, host_local_to_global(make_batch(True), mesh))

@@ -114,6 +114,9 @@ def find_dataset_paths(paths: Sequence[str]) -> list[str]:
     listed = {os.path.realpath(p) for p in paths if os.path.isdir(p)}
     found: list[str] = []
     for path in paths:
+        if "://" in str(path):  # the readers memory-map and pread local files
+            raise DatasetPathError(f"{path}: datasets are read from a local path; copy them to each host's disk or "
+                                   "mount the bucket (gcsfuse) and name the mount")
         if os.path.isfile(path):
             if not is_jsonl(path):
                 raise DatasetPathError(f"{path}: unsupported dataset file (expected {JSONL_SUFFIX})")
