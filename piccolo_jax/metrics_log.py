@@ -62,12 +62,17 @@ class MetricsLog:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({k: v for k, v in metrics.items()}, sort_keys=True) + "\n")
-        self._jsonl.flush()
+        self._jsonl.flush()  # local: every line; object storage: at most every 30 s
         if self._tb is not None:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):  # skipped steps: JSONL only
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
+
+    def persist(self) -> None:
+        """Write out what is buffered (object storage rewrites metrics.jsonl only every 30 s otherwise)."""
+        if self._jsonl is not None:
+            self._jsonl.flush(force=True)
 
     def close(self) -> None:
         try:

@@ -342,6 +342,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
                 last.update(scores)
             if step % cfg.run.save_every == 0:
                 ckpt.save(step, state, loader.state())
+                metrics_log.persist()  # object storage: the metrics up to a checkpoint survive a kill
             if agreed_stop:
                 break
         watch.finish()
