@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from piccolo_jax.run_dir import RunError, checkpoint_complete
-from piccolo_jax.storage import as_path
+from piccolo_jax.storage import as_path, ocdbt_supported
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class Checkpointer:
         self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = None if ocdbt_supported(self.directory) else {
+            "state": ocp.StandardCheckpointHandler(use_ocdbt=False), "data": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._last_started: int | None = None  # step of the latest save started
         self._broken = False  # a save failed (see close)
         _quiet_closed_loop_reports()

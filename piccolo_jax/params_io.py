@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.storage import as_path, is_url, local_copy
+from piccolo_jax.storage import as_path, is_url, local_copy, ocdbt_supported
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
@@ -85,9 +85,8 @@ def apply_umask(root: Path) -> None:
 def write_params(path: Path, params: Any) -> None:
     import orbax.checkpoint as ocp
 
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path.absolute(), to_storage(params))
-    ckptr.wait_until_finished()
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=ocdbt_supported(path)))
+    ckptr.save(as_path(path), args=ocp.args.StandardSave(to_storage(params)))
 
 
 def read_params(path: Path, abstract: Any | None = None) -> Any:

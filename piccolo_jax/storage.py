@@ -42,6 +42,13 @@ def configure_emulator() -> None:
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
 
 
+def ocdbt_supported(path) -> bool:
+    """Whether Orbax may use its OCDBT format under `path`. OCDBT's conditional writes need object
+    generations, which GCS reports (x-goog-generation) but the GCS emulators on PyPI do not: with
+    STORAGE_EMULATOR_HOST set, URLs get one zarr array per tensor instead. Real buckets use OCDBT."""
+    return not (is_url(path) and os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
 def as_path(path) -> AnyPath:
     """A local path made absolute, or an epath for a URL."""
     if is_url(path):
