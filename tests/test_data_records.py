@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 
 from piccolo_jax.data import DataConfig, make_loader
@@ -91,16 +92,19 @@ def test_teacher_scores():
     obj = {"query": "q", "pos": ["p1", "p2"], "neg": ["n1"], "pos_scores": [1, 0.5], "neg_scores": [-2.5]}
     assert parse_line(_line(obj)) == Record("q", ("p1", "p2"), ("n1",), positive_scores=(1.0, 0.5),
                                             negative_scores=(-2.5,))
-    assert parse_line(_line({"query": "q", "pos": ["p"], "pos_scores": [0.9]})).negative_scores == ()
-    assert parse_line(_line({"query": "q", "pos": ["p"], "neg": [], "pos_scores": [0.9], "neg_scores": []})) == \
-        Record("q", ("p",), positive_scores=(0.9,), negative_scores=())
+    assert parse_line(_line({"query": "q", "pos": ["p"], "pos_scores": [0.75]})).negative_scores == ()
+    assert parse_line(_line({"query": "q", "pos": ["p"], "neg": [], "pos_scores": [0.75], "neg_scores": []})) == \
+        Record("q", ("p",), positive_scores=(0.75,), negative_scores=())
+    # Teacher scores are kept at float32 precision (what the loss and the TFDS store use).
+    assert parse_line(_line({"query": "q", "pos": ["p"], "pos_scores": [0.9]})).positive_scores == \
+        (float(np.float32(0.9)),)
 
 
 def test_record_to_json_round_trips_every_kind():
     records = [
         Record("问", ("答",)),
         Record("q", ("p1", "p2"), ("n1", "n2"), "为这个句子生成表示："),
-        Record("q", ("p",), ("n1", "n2"), positive_scores=(0.1,), negative_scores=(1e-7, -3.25)),
+        Record("q", ("p",), ("n1", "n2"), positive_scores=(0.125,), negative_scores=(2.0 ** -23, -3.25)),
         Record("q", ("p",), positive_scores=(2.0,), negative_scores=()),
         Record("今天天气好", ("天气不错",), task="sts", label=0.1),
         Record("a", ("b",), task="sts", label=-4.0),

@@ -48,8 +48,13 @@ def tfds_dir(tmp_path_factory):
 
 
 def _as_lists(item):
-    return {k: v.decode() if isinstance(v, bytes) else [x.decode() for x in v] if isinstance(v, list) else int(v)
-            for k, v in item.items()}
+    def plain(v):
+        if isinstance(v, bytes):
+            return v.decode()
+        if isinstance(v, (list, np.ndarray)) and np.ndim(v):
+            return [plain(x) for x in v]
+        return float(v) if isinstance(v, (float, np.floating)) else int(v)
+    return {k: plain(v) for k, v in item.items()}
 
 
 def _expected(row, line):
@@ -57,7 +62,8 @@ def _expected(row, line):
     return {"query": row.get("text", row.get("query")),
             "positives": [row["text_pos"]] if "text_pos" in row else row["pos"],
             "negatives": [negatives] if isinstance(negatives, str) else negatives,
-            "prompt": row.get("prompt", ""), "line": line}
+            "prompt": row.get("prompt", ""), "line": line, "scored": int("pos_scores" in row),
+            "positive_scores": row.get("pos_scores", []), "negative_scores": row.get("neg_scores", [])}
 
 
 def test_round_trip_equals_jsonl(tfds_dir):
@@ -76,10 +82,13 @@ def test_examples_are_tfds_examples():
     Example = tf_example_pb2.Example
     features = tfds_store.features()
     records = [Record("问题", ("答案",)), Record("q", ("p1", "p2"), ("n1", "负例 two", "n3"), "为这个句子生成表示："),
-               Record("😀 emoji", ("ü",), (), None)]
+               Record("😀 emoji", ("ü",), (), None),
+               Record("q", ("p",), ("n1", "n2"), positive_scores=(0.5,), negative_scores=(-1.25, 3.0))]
     for line, record in enumerate(records, 1):
         example = {"query": record.query, "positives": list(record.positives), "negatives": list(record.negatives),
-                   "prompt": record.prompt or "", "line": line}
+                   "prompt": record.prompt or "", "line": line, "scored": int(record.positive_scores is not None),
+                   "positive_scores": list(record.positive_scores or ()),
+                   "negative_scores": list(record.negative_scores or ())}
         raw, ours = features.serialize_example(example), tfds_store.encode_example(record, line)
         assert Example.FromString(ours) == Example.FromString(raw)  # the same proto (map order aside)
         assert ours == tfds_store.encode_example(record, line)  # deterministic bytes

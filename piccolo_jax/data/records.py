@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 
 TASKS = ("retrieval", "sts", "classification")
 RECORD_FORMATS = ("auto", "uniem", "bge", "scored_pair", "classification")
@@ -108,7 +109,13 @@ def _scores(obj: dict, key: str, texts_key: str, count: int) -> tuple[float, ...
     if len(value) != count:
         raise BadRecord(f"field {key!r} has {len(value)} scores for {count} passages in {texts_key!r} "
                         "(one score per passage)")
-    return tuple(_number(v, f"field {key!r}[{i}]") for i, v in enumerate(value))
+    # Teacher scores enter the loss as float32 (and are stored so by `prepare`): kept at that precision
+    # from the start, so that a record reads back equal from JSONL and from TFDS.
+    scores = tuple(_number(v, f"field {key!r}[{i}]") for i, v in enumerate(value))
+    out = tuple(float(struct.unpack("f", struct.pack("f", v))[0]) for v in scores)
+    if not all(math.isfinite(v) for v in out):
+        raise BadRecord(f"field {key!r}: scores must be finite in float32 (|score| < 3.4e38)")
+    return out
 
 
 def _piccolo_type(obj: dict, task: str, record_format: str) -> None:

@@ -39,7 +39,10 @@ from piccolo_jax.data.records import Record
 
 VERSION = "1.0.0"
 SPLIT = "train"
-FORMAT = 2  # of piccolo_source.json; 1 = piccolo_stats.npz written by TFDS's GeneratorBasedBuilder
+# Of piccolo_source.json: 3 adds teacher scores; 2 = the same without them (read as records without
+# scores); 1 = piccolo_stats.npz written by TFDS's GeneratorBasedBuilder.
+FORMAT = 3
+READABLE_FORMATS = (2, 3)
 SOURCE_FILE = "piccolo_source.json"
 OLD_STATS_FILE = "piccolo_stats.npz"
 GROUP_SIZE = 32
@@ -70,6 +73,10 @@ def features():
         "negatives": tfds.features.Sequence(tfds.features.Text()),
         "prompt": tfds.features.Text(),  # "" = none
         "line": np.int64,  # 1-based line in the source JSONL file
+        # BGE teacher scores, one per positive / negative; "scored" 0 = the record has none
+        "scored": np.int64,
+        "positive_scores": tfds.features.Sequence(np.float32),
+        "negative_scores": tfds.features.Sequence(np.float32),
     })
 
 
@@ -88,6 +95,10 @@ def encode_example(record: Record, line: int, example_class=None) -> bytes:
     feature["negatives"].bytes_list.value.extend([n.encode("utf-8") for n in record.negatives])
     feature["prompt"].bytes_list.value.append((record.prompt or "").encode("utf-8"))
     feature["line"].int64_list.value.append(line)
+    scored = record.positive_scores is not None
+    feature["scored"].int64_list.value.append(int(scored))
+    feature["positive_scores"].float_list.value.extend(record.positive_scores or ())
+    feature["negative_scores"].float_list.value.extend(record.negative_scores or ())
     return example.SerializeToString(deterministic=True)  # keys sorted: the same bytes in every process
 
 
@@ -96,6 +107,10 @@ def decode_example(raw: bytes, example_class=None) -> Record:
     feature = (example_class or _example_class()).FromString(raw).features.feature
     texts = lambda key: tuple(v.decode("utf-8") for v in feature[key].bytes_list.value)  # noqa: E731
     (query,), (prompt,) = texts("query"), texts("prompt")
+    if "scored" in feature and feature["scored"].int64_list.value[0]:  # format 2 has no scores
+        scores = lambda key: tuple(float(v) for v in feature[key].float_list.value)  # noqa: E731
+        return Record(query, texts("positives"), texts("negatives"), prompt or None,
+                      positive_scores=scores("positive_scores"), negative_scores=scores("negative_scores"))
     return Record(query, texts("positives"), texts("negatives"), prompt or None)
 
 
@@ -208,7 +223,7 @@ def open_dataset(path: str, split: str = SPLIT) -> OpenedDataset:
         (file, count), = meta["bad_records"].items() or [(meta.get("source", path), 0)]
         bad = BadRecords(file, count, list(meta.get("bad_messages", [])))
     histogram = None
-    if meta.get("format") == FORMAT:
+    if meta.get("format") in READABLE_FORMATS:
         if meta["records"] != n:
             raise ValueError(f"{path}/{SOURCE_FILE}: {meta['records']} records, but the dataset has {n}")
         arrays = record_arrays.load_arrays(path, meta["arrays"], n)
