@@ -144,23 +144,26 @@ class ObjectText:
             self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, text: str) -> None:
-        if self._file is not None:
+        if not self._url:
             self._file.write(text)
             return
         self._lines.append(text)
         self._dirty = True
 
     def flush(self, force: bool = False) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if not self._url:
+            if self._file is not None:
+                self._file.flush()
             return
         if self._dirty and (force or time.monotonic() - self._last >= FLUSH_S):
             self.path.write_text("".join(self._lines), encoding="utf-8")
             self._dirty, self._last = False, time.monotonic()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        else:
-            self.flush(force=True)
+        """Idempotent (logging closes its handlers once more at exit)."""
+        if not self._url:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            return
+        self.flush(force=True)
