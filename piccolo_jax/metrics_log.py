@@ -155,10 +155,11 @@ class ProgressBar:
             return
         from tqdm import tqdm
 
-        wide = shutil.get_terminal_size((80, 24)).columns >= 110
-        fmt = ("train {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}" if wide
-               else "{n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
-        self._bar = tqdm(total=total, initial=initial, unit="step", bar_format=fmt, file=sys.stdout)
+        # COLUMNS, else the terminal's size, else 80 (a terminal that reports no size gets 80, not 0).
+        columns = shutil.get_terminal_size((80, 24)).columns or 80
+        fmt = ("train {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}"
+               if columns >= 110 else "{n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+        self._bar = tqdm(total=total, initial=initial, unit="step", bar_format=fmt, file=sys.stdout, ncols=columns)
         _ACTIVE_BARS.append(self._bar)
 
     def describe(self, m: dict, first_window: bool) -> str:

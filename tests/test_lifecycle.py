@@ -136,3 +136,15 @@ def test_two_trainers_on_one_workdir(tmp_path):
     finally:
         assert stop(second) == 0
     assert sorted(set(losses(workdir))) == list(range(1, max(losses(workdir)) + 1))  # no interleaved steps
+
+
+def test_export_honours_the_umask(straight_run):
+    """Exports are readable by others on a shared disk: 0777 / 0666 less the umask, not 0700 / 0600."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [straight_run / "export", *(straight_run / "export").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))

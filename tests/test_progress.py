@@ -3,11 +3,14 @@ fits, log lines above it (never inside it). The trainer runs under a real pseudo
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import re
 import select
+import struct
 import subprocess
+import termios
 import time
 
 from piccolo_jax.accelerators import peak_flops
@@ -18,6 +21,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 def _run_in_terminal(args, columns: int = 80, timeout: float = 600) -> tuple[int, str]:
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))  # rows, columns
     run_env = dict(env(), COLUMNS=str(columns), LINES="24", TERM="xterm")
     proc = subprocess.Popen(args, cwd=ROOT, env=run_env, stdin=follower, stdout=follower, stderr=follower)
     os.close(follower)
@@ -48,7 +52,8 @@ def test_progress_fits_80_columns_and_log_lines_stay_above_it(tmp_path):
     code, raw = _run_in_terminal(sets)
     assert code == 0, raw[-3000:]
     lines = [line for line in _screen_lines(raw) if line.strip()]
-    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    bars = [line for line in lines if re.match(r"\s*\d+/12 \[", line)]
+    assert bars and max(len(line) for line in bars) <= 80, max(bars, key=len)  # log lines may wrap
     compiling = next(i for i, line in enumerate(lines) if "compiling the train step" in line)
     first_bar = next(i for i, line in enumerate(lines) if re.match(r"\s*\d+/12 \[", line) and "loss" in line)
     assert compiling < first_bar
