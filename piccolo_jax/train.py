@@ -152,7 +152,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             cleanup.callback(_remove_handler, file_handler)
         try:
             pre.notes[:0] = runtime_notes
-            return _run(cfg, workdir, mesh, pre, stop, cleanup)
+            try:
+                return _run(cfg, workdir, mesh, pre, stop, cleanup)
+            except OSError as e:  # a file of the run that cannot be written: one line, not a traceback
+                raise RunError(f"{error_reason(e)} (in {workdir}); {last_checkpoint_note(workdir)}") from None
         except RunError as e:
             if file_handler is not None:
                 _to_file(file_handler, e)

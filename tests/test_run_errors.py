@@ -212,3 +212,12 @@ def test_a_step_that_does_not_fit_is_refused_with_the_chunks_that_fit(tmp_path):
     assert chunks > 1
     r = run(tmp_path / "w", *limit, f"loss.num_chunks={chunks}", fast=False)
     assert f"loss.num_chunks={chunks}" in r.stdout and "memory: compiled train step peak" in r.stdout
+
+
+def test_an_unwritable_metrics_file_fails_in_one_line_and_closes_the_run(tmp_path):
+    """metrics.jsonl cannot be opened (here: a directory of that name): exit 1 in one line, the lock released."""
+    workdir = tmp_path / "w"
+    (workdir / "metrics.jsonl").mkdir(parents=True)
+    r = run(workdir, "run.steps=4", expect=None, timeout=300)
+    one_line_error(r, 1, "Is a directory")
+    assert not (workdir / ".lock").exists()
