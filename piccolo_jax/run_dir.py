@@ -141,13 +141,20 @@ def last_checkpoint_note(workdir: Path) -> str:
 
 # -------------------------------------------------------------------------------------------------- lock
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs. A zombie (killed, not yet reaped: kill -9 in a container
+    whose init does not reap) answers os.kill like a live process but is dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[-1].split()[0]  # the field after "(command)"
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
         return True
-    return True
 
 
 class WorkdirLock:

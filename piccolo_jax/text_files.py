@@ -11,71 +11,76 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def decoded_lines(path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without its line ending) of every line; ValueError("path:line: ...")
+    for a line that is not UTF-8. Reads the file as it goes (never whole)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; malformed lines raise ValueError naming file:line."""
+    for lineno, line in decoded_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
 def iter_texts(path: Path, field: str | None, id_field: str | None = None) -> Iterator[tuple[str, str]]:
     """(id, text) per non-blank line; JSONL when `field` is given, else plain text.
 
     Ids are line numbers unless `id_field` names a JSONL field. Bad lines raise ValueError("path:line: ...").
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            if field is None:
+    if field is None:
+        for lineno, line in decoded_lines(path):
+            if line.strip():
                 yield str(lineno), line
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise ValueError(f"{path}:{lineno}: missing field {field!r}")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {type(text).__name__}")
-            if id_field is None:
-                yield str(lineno), text
-                continue
-            if id_field not in obj:
-                raise ValueError(f"{path}:{lineno}: missing id field {id_field!r}")
-            doc_id = obj[id_field]
-            if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-                raise ValueError(f"{path}:{lineno}: id field {id_field!r} must be a string or integer")
-            doc_id = str(doc_id)
-            if "\n" in doc_id or "\r" in doc_id:
-                raise ValueError(f"{path}:{lineno}: id {doc_id!r} contains a line break")
-            yield doc_id, text
+        return
+    for lineno, obj in read_jsonl(path):
+        if field not in obj:
+            raise ValueError(f"{path}:{lineno}: missing field {field!r}")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} must be a string, got {type(text).__name__}")
+        if id_field is None:
+            yield str(lineno), text
+            continue
+        if id_field not in obj:
+            raise ValueError(f"{path}:{lineno}: missing id field {id_field!r}")
+        doc_id = obj[id_field]
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+            raise ValueError(f"{path}:{lineno}: id field {id_field!r} must be a string or integer")
+        doc_id = str(doc_id)
+        if "\n" in doc_id or "\r" in doc_id:
+            raise ValueError(f"{path}:{lineno}: id {doc_id!r} contains a line break")
+        yield doc_id, text
 
 
 def count_lines(path: Path) -> tuple[int, int]:
     """(non-blank lines, blank lines) without holding the file; the same blank test as `iter_texts`."""
     texts = blank = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if line.strip():
-                texts += 1
-            else:
-                blank += 1
+    for _, line in decoded_lines(path):
+        if line.strip():
+            texts += 1
+        else:
+            blank += 1
     return texts, blank
 
 
 def first_record_fields(path: Path) -> tuple[int, list[str]]:
     """(line number, sorted keys) of the first non-blank line of a JSONL file; ValueError("path:line: ...")."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            return lineno, sorted(obj)
+    for lineno, obj in read_jsonl(path):
+        return lineno, sorted(obj)
     raise ValueError(f"{path}: empty file")
 
 

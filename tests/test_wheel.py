@@ -46,12 +46,13 @@ def test_quickstart_from_a_fresh_venv_outside_the_source_tree(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
+    # Nothing of the checkout may leak in (a PYTHONPATH pointing at it makes pip think it is installed).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     r = subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), str(wheel)],
-                       capture_output=True, text=True, timeout=1200)
+                       capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
     r = subprocess.run([str(venv / "bin" / "piccolo-jax"), "train", "--stage", "pretrain", "--set", "run.steps=4",
                         "--set", "run.progress_bar=false"], cwd=elsewhere, env=env, capture_output=True,
