@@ -14,7 +14,13 @@ view it as [S, C, m] (m = B / (S * C)) and let chunk c be rows [:, c, :]. Every 
 of every shard, so all devices work on every chunk and no rows move between devices.
 
 Dropout is made chunk-invariant by keying every row with its global index (`model.row_keys`): a row gets
-the same masks in pass one, in pass two and in an unchunked step.
+the same masks in pass one, in pass two and in an unchunked step (and, since masks follow the token's
+position in its text, in the padded and the packed layout: `piccolo_jax.dropout`).
+
+Packed batches (`packing.pack_host_batch`: per side [S C R, L] rows, block j = s C + c of R rows holding
+global rows [j m, (j + 1) m)) take `packed_loss_and_grads`: the same two passes, with `to_chunks` over the
+packed rows (chunk c = block c of every shard), each chunk encoded as [S, R, L] blocks and pooled per
+text into [S m, D] rows in `to_chunks` order, so the loss sees exactly the embeddings of the padded step.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from piccolo_jax.model import row_keys
+from piccolo_jax.dropout import row_keys
 
 Batch = dict[str, jax.Array]
 # encode_fn(params, input_ids [b, T], attention_mask [b, T], dropout_keys [b] | None) -> embeddings [b, D]
@@ -147,4 +153,93 @@ def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Bat
         grads = pass_two((params, key), chunks)
     else:  # each shard accumulates its rows' contribution; one all-reduce of the gradient per step
         grads = local_sum(pass_two, (params, key), chunks)
+    return loss, metrics, grads
+
+
+# ------------------------------------------------------------------------------------------------ packed
+# encode_packed_fn(params, ids [n, R, L], positions, segments, num_slots, token keys [n, R, L] | None)
+#   -> embeddings [n, num_slots, D]
+EncodePackedFn = Callable[..., jax.Array]
+
+
+def _packed_towers(batch: Batch) -> tuple[dict, int, int]:
+    towers = {f"{s[0]}_{f}": batch[f"packed_{s}_{f}"] for s in ("query", "document")
+              for f in ("input_ids", "positions", "segments")}
+    return towers, batch["packed_query_lengths"].shape[0], batch["packed_document_lengths"].shape[1] - 1
+
+
+def _encode_packed_rows(encode_packed_fn, params, t: dict, key, b: int, k: int, m: int, rows: tuple[int, int],
+                        constrain=lambda x, axis: x):
+    """Embeddings q [n m, D], p [n m, D], negs [n m, K, D] | None of the n blocks in chunk arrays `t`
+    (per side [n R, L] rows and `*_base` [n R], each row's block's first global row)."""
+    def side(s: str, r: int, slots: int, row_of):
+        n = t[f"{s}_input_ids"].shape[0] // r
+        blocks = {f: constrain(t[f"{s}_{f}"].reshape(n, r, -1), 0) for f in ("input_ids", "positions", "segments")}
+        keys = None
+        if key is not None:  # each token keyed by its text's global row (grad_cache module doc)
+            slot = blocks["segments"] - 1
+            base = t[f"{s}_base"].reshape(n, r, 1)
+            keys = constrain(row_keys(key, jnp.where(slot >= 0, row_of(base, slot), 0)), 0)
+        return encode_packed_fn(params, blocks["input_ids"], blocks["positions"], blocks["segments"], slots, keys)
+
+    q = side("q", rows[0], m, lambda base, slot: base + slot)
+    # documents: slot i < m is the positive of row base + i (global row B + base + i); slot m + i K + j is
+    # negative j of row base + i (global row 2B + (base + i) K + j = 2B + base K + slot - m)
+    d = side("d", rows[1], m * (1 + k),
+             lambda base, slot: jnp.where(slot < m, b + base + slot, 2 * b + base * k + slot - m))
+    n, dim = q.shape[0], q.shape[-1]
+    negs = d[:, m:].reshape(n * m, k, dim) if k else None
+    return q.reshape(n * m, dim), d[:, :m].reshape(n * m, dim), negs
+
+
+def packed_loss_and_grads(encode_packed_fn: EncodePackedFn, loss_fn: LossFn, params: Any, batch: Batch,
+                          key: jax.Array | None, *, num_chunks: int = 1, shards: int = 1,
+                          constrain: Callable[[jax.Array, int], jax.Array] = lambda x, axis: x,
+                          local_sum: Callable | None = None) -> tuple[jax.Array, dict, Any]:
+    """`loss_and_grads` of a packed batch (module doc): the same loss, metrics and gradient."""
+    towers, b, k = _packed_towers(batch)
+    s, c = shards, num_chunks
+    if b % (s * c):
+        raise ValueError(f"global batch {b} is not divisible by {s} shards x {c} chunks")
+    m = b // (s * c)
+    rows = tuple(towers[f"{x}_input_ids"].shape[0] // (s * c) for x in ("q", "d"))
+    for x, r in zip(("q", "d"), rows):  # the global row of each packed row's block: block j = row // R
+        towers[f"{x}_base"] = (jnp.arange(s * c * r, dtype=jnp.int32) // r) * m
+    towers_c = {name: constrain(to_chunks(x, s, c), 1) for name, x in towers.items()}
+
+    def embed(p, t, key, constrain=lambda x, axis: x):
+        return _encode_packed_rows(encode_packed_fn, p, t, key, b, k, m, rows, constrain)
+
+    def combine(e_c):  # [C, S m, ...] chunk-major -> [B, ...] row order, still split by rows
+        return None if e_c is None else constrain(from_chunks(e_c, s), 0)
+
+    if c == 1:
+        def total_loss(p):
+            q, d, n = embed(p, jax.tree.map(lambda x: x[0], towers_c), key, constrain)
+            return loss_fn(q, d, n)
+        (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
+        return loss, metrics, grads
+
+    q_c, p_c, n_c = jax.lax.map(lambda t: embed(jax.lax.stop_gradient(params), t, key), towers_c)
+    q, p, n = combine(q_c), combine(p_c), combine(n_c)
+    argnums = (0, 1, 2) if k else (0, 1)
+    (loss, metrics), emb_grads = jax.value_and_grad(
+        lambda *e: loss_fn(*e) if k else loss_fn(e[0], e[1], None), argnums=argnums, has_aux=True)(q, p, *(
+            (n,) if k else ()))
+    cached = tuple(constrain(to_chunks(g, s, c), 1) for g in emb_grads)
+
+    def pass_two(replicated, chunks):
+        p0, key0 = replicated
+
+        def accumulate(acc, xs):
+            t, g = xs
+            _, vjp = jax.vjp(lambda p: embed(p, t, key0)[: len(g)], p0)
+            (g_params,) = vjp(g)
+            return jax.tree.map(jnp.add, acc, g_params), None
+
+        grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, p0), chunks)
+        return grads
+
+    chunks = (towers_c, cached)
+    grads = pass_two((params, key), chunks) if local_sum is None else local_sum(pass_two, (params, key), chunks)
     return loss, metrics, grads

@@ -1,23 +1,26 @@
-"""Sentence embeddings at inference: `Encoder.load(path).encode(texts)`, sharded and length-bucketed.
+"""Sentence embeddings at inference: `Encoder.load(path).encode(texts)`, sharded and packed.
 
 How a call to `Encoder.encode` spends its compute:
 
 1. Texts are tokenised (with piccolo's instruction prefix for queries / passages) in chunks of 65,536,
    truncated to `max_length` tokens including [CLS] and [SEP].
-2. Each chunk's rows are sorted by token count, longest first, and cut into batches by a *token budget*:
-   a batch whose longest row has bucketed length T holds B = budget // T rows (rounded down to a multiple
-   of the number of batch shards). Short texts therefore run in wide batches and long texts in narrow
-   ones, and padding is only the gap between a row and its bucket.
-3. Bucket lengths are 8 per octave (multiples of 8 up to 128, then of 16 up to 256, of 32 up to 512), so
-   padding is under max(8 tokens, 1/8 of the row) and 512 tokens need 32 bucket lengths (32 compiled
-   shapes for a given budget); the final, uneven batch is padded to a power-of-two multiple of the shard
-   count with dummy rows that are dropped.
-4. Each batch is split over all batch devices of the mesh (parameters replicated, or sharded with
-   strategy "fsdp"); results come back to the host two batches late, so tokenising the next batch
-   overlaps the device work.
+2. Each chunk's texts are sorted by token count, longest first, and packed (`packing.plan_packed_batches`):
+   a batch's rows are L = bucket(its longest text) tokens long and it has about `tokens_per_batch` tokens
+   (rows x L); texts fill the rows by first fit, several short texts to a row, each attending only to
+   itself (segment ids; `model.encode_packed`), so the encoder computes real tokens and a little slack
+   per row. `batch_size` caps the texts of a batch, as in sentence-transformers (an upper bound; the
+   token budget usually binds first).
+3. Bucket lengths are 8 per octave (multiples of 8 up to 128, then of 16 up to 256, of 32 up to 512):
+   512 tokens need at most 32 row lengths; a batch that ends early (the last one, or at `batch_size`)
+   rounds its rows up to a power of two, so a call compiles few shapes.
+4. Each batch is split over all batch devices of the mesh, a block of rows per device (parameters
+   replicated, or sharded with strategy "fsdp"); results come back to the host two batches late, so
+   tokenising the next batch overlaps the device work.
 
-`embed` is the array-level function (token ids -> embeddings) for use inside other JAX programs.
-The Encoder drives the devices of one process (single-host); it does not split texts across hosts.
+`Encoder(..., packing=False)` pads instead (one text per row, rows padded to their bucket; the same
+embeddings). `embed` is the array-level function (token ids -> embeddings) for use inside other JAX
+programs. The Encoder drives the devices of one process (single-host); it does not split texts across
+hosts.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from piccolo_jax import sharding
+from piccolo_jax import packing, sharding
 from piccolo_jax.model import abstract_model
 from piccolo_jax.model import encode as model_encode
+from piccolo_jax.model import encode_packed
 from piccolo_jax.model_config import ModelConfig
 from piccolo_jax.tokenization import Tokenizer
 
@@ -87,12 +91,13 @@ class Batch:
     length: int  # T, a bucket length
 
 
-def plan_batches(lengths_n: np.ndarray, tokens_per_batch: int, max_length: int, row_multiple: int = 1
-                 ) -> list[Batch]:
+def plan_batches(lengths_n: np.ndarray, tokens_per_batch: int, max_length: int, row_multiple: int = 1,
+                 max_rows: int | None = None) -> list[Batch]:
     """Cut rows (token counts `lengths_n`) into batches of about `tokens_per_batch` padded tokens.
 
     Rows are taken longest first; a batch's first row fixes its bucket length T, and it holds
-    B = tokens_per_batch // T rows rounded down to a multiple of `row_multiple` (at least one multiple).
+    B = tokens_per_batch // T rows (at most `max_rows`) rounded down to a multiple of `row_multiple`
+    (at least one multiple).
     Only the last batch can be short: its rows are padded to the next power-of-two multiple of
     `row_multiple` (at most B), which keeps the set of compiled shapes small across calls.
     """
@@ -101,7 +106,8 @@ def plan_batches(lengths_n: np.ndarray, tokens_per_batch: int, max_length: int, 
     batches, i, n = [], 0, len(order)
     while i < n:
         t = bucket_length(int(lengths_n[order[i]]), max_length)
-        b = max(row_multiple, (tokens_per_batch // t) // row_multiple * row_multiple)
+        cap = tokens_per_batch // t if max_rows is None else min(tokens_per_batch // t, max_rows)
+        b = max(row_multiple, cap // row_multiple * row_multiple)
         rows = order[i:i + b]
         if len(rows) < b:  # final batch: 2^j * row_multiple >= len(rows)
             groups = -(-len(rows) // row_multiple)
@@ -129,8 +135,9 @@ class Encoder:
 
     def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, *, mesh=None,
                  strategy: str = "dp", max_length: int | None = None,
-                 tokens_per_batch: int | None = None):
-        """Place `params` (numpy or jax arrays) on `mesh` (default: every device) with `strategy`."""
+                 tokens_per_batch: int | None = None, packing: bool = True):
+        """Place `params` (numpy or jax arrays) on `mesh` (default: every device) with `strategy`;
+        `packing` False pads one text per row instead of packing several (the same embeddings)."""
         if strategy not in ("dp", "fsdp"):
             raise ValueError(f"strategy={strategy!r}; expected 'dp' (replicated) or 'fsdp' (sharded)")
         mesh = default_mesh(strategy) if mesh is None else mesh
@@ -141,7 +148,9 @@ class Encoder:
         self.param_shardings = sharding.param_shardings(abstract, logical, mesh, strategy)
         self.params = jax.device_put(params, self.param_shardings)
         self.num_shards = sharding.data_parallel_size(mesh)
+        self.packing = packing
         self._fns: dict[bool, Callable] = {}
+        self._packed_fns: dict[tuple[bool, int], Callable] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str = "float32", strategy: str = "dp", mesh=None,
@@ -181,7 +190,7 @@ class Encoder:
 
     @property
     def default_tokens_per_batch(self) -> int:
-        """Padded tokens per global batch when neither batch_size nor tokens_per_batch is given."""
+        """Computed tokens (rows x row length) per global batch when tokens_per_batch is not given."""
         platform = self.mesh.devices.flat[0].platform
         return TOKENS_PER_SHARD.get(platform, TOKENS_PER_SHARD_ACCELERATOR) * self.num_shards
 
@@ -203,6 +212,23 @@ class Encoder:
                 in_shardings=(self.param_shardings, rows, rows), out_shardings=rows)
         return self._fns[normalize]
 
+    def packed_fn(self, num_slots: int, normalize: bool = True) -> Callable:
+        """Compiled `(params, ids, positions, segments [S r, L]) -> embeddings [S, num_slots, D]` of S blocks
+        of r packed rows (block s on batch shard s); cached per (normalize, num_slots)."""
+        if (normalize, num_slots) not in self._packed_fns:
+            cfg, s = self.cfg, self.num_shards
+            rows = sharding.batch_sharding(self.mesh, 2)
+
+            def fn(p, ids, positions, segments):
+                blocks = lambda x: x.reshape(s, -1, x.shape[-1])  # noqa: E731
+                return encode_packed(cfg, p, blocks(ids), blocks(positions), blocks(segments), num_slots,
+                                     normalize=normalize)
+
+            self._packed_fns[(normalize, num_slots)] = jax.jit(
+                fn, in_shardings=(self.param_shardings, rows, rows, rows),
+                out_shardings=sharding.batch_sharding(self.mesh, 3))
+        return self._packed_fns[(normalize, num_slots)]
+
     def embed_arrays(self, input_ids_bt, attention_mask_bt, normalize: bool = True) -> jax.Array:
         """Embeddings [B, D] of already tokenised rows; B must be a multiple of the batch-shard count."""
         b = np.shape(input_ids_bt)[0]
@@ -216,10 +242,9 @@ class Encoder:
         """Embed `texts`: float32 numpy [N, D] in input order ([D] for a single string).
 
         kind: "query" prefixes piccolo's "查询: ", "passage" prefixes "结果: ", None adds nothing.
-        batch_size: rows per batch at full `max_length`: the token budget per batch becomes
-            batch_size x max_length, so short texts run in wider batches. Default (and `tokens_per_batch`
-            None): 1,024 tokens per batch shard on CPU, 16,384 on GPU / TPU.
-        tokens_per_batch: the padded-token budget of one (global) batch, instead of `batch_size`.
+        batch_size: at most this many texts per batch, as in sentence-transformers (None: no limit).
+        tokens_per_batch: computed tokens (rows x row length) of one global batch. Default: 1,024 per
+            batch shard on CPU, 16,384 on GPU / TPU (or the Encoder's `tokens_per_batch`).
         normalize: L2-normalise (False returns the raw pooled vector even if the model normalises).
         show_progress: a progress bar; a string labels it (e.g. "encode corpus").
         """
@@ -232,28 +257,39 @@ class Encoder:
         max_length = _check_max_length(max_length or self.max_length, self.cfg)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
-        budget = (tokens_per_batch or (batch_size * max_length if batch_size else None) or self.tokens_per_batch
-                  or self.default_tokens_per_batch)
+        budget = tokens_per_batch or self.tokens_per_batch or self.default_tokens_per_batch
         if budget < 1:
             raise ValueError(f"tokens_per_batch={budget} must be positive")
         out_nd = np.zeros((len(texts), self.dim), dtype=np.float32)
-        fn, progress = self.embed_fn(normalize), _progress(len(texts), show_progress)
+        progress = _progress(len(texts), show_progress)
         for start in range(0, len(texts), CHUNK_TEXTS):  # bounded host memory for the token ids
             token_ids = self.tokenizer.token_ids(texts[start:start + CHUNK_TEXTS], max_length, prefix)
             lengths_n = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
-            batches = plan_batches(lengths_n, budget, max_length, self.num_shards)
-            for batch, e_bd in self._run(fn, token_ids, batches):
+            if self.packing:
+                plans = packing.plan_packed_batches(lengths_n, budget, lambda n: bucket_length(n, max_length),
+                                                    self.num_shards, batch_size)
+                for batch, e_bsd in self._run(None, token_ids, plans, normalize):
+                    out_nd[start + batch.texts] = e_bsd[batch.block, batch.slot]
+                    progress.update(len(batch.texts))
+                continue
+            batches = plan_batches(lengths_n, budget, max_length, self.num_shards, batch_size)
+            for batch, e_bd in self._run(self.embed_fn(normalize), token_ids, batches, normalize):
                 out_nd[start + batch.rows] = e_bd[:len(batch.rows)]
                 progress.update(len(batch.rows))
         progress.close()
         return out_nd[0] if single else out_nd
 
-    def _run(self, fn, token_ids, batches: list[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
-        """Dispatch batches asynchronously; fetch each result two batches later (bounded device memory)."""
+    def _run(self, fn, token_ids, batches: list, normalize: bool) -> Iterator[tuple[Any, np.ndarray]]:
+        """Dispatch batches asynchronously; fetch each result two batches later (bounded device memory).
+        `fn` None: packed batches (`packing.PackedBatch`), each through `packed_fn`."""
         pending: collections.deque = collections.deque()
         for batch in batches:
-            ids_bt, mask_bt = pack_batch(token_ids, batch, self.tokenizer.pad_id)
-            pending.append((batch, fn(self.params, ids_bt, mask_bt)))
+            if fn is None:
+                arrays = packing.pack_inference_batch(token_ids, batch, self.tokenizer.pad_id)
+                result = self.packed_fn(batch.num_slots, normalize)(self.params, *arrays)
+            else:
+                result = fn(self.params, *pack_batch(token_ids, batch, self.tokenizer.pad_id))
+            pending.append((batch, result))
             if len(pending) > 2:
                 done, e_bd = pending.popleft()
                 yield done, np.asarray(e_bd)
@@ -315,10 +351,10 @@ def _progress(total: int, show: bool | str):
 def add_encoder_arguments(parser, *, max_length: bool = True) -> None:
     """The command-line options every script that encodes shares (model, batching, dtype, placement)."""
     parser.add_argument("--model", required=True, help="Hugging Face BERT directory or piccolo-jax model directory")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per batch at max length (token budget "
-                        "= batch size x max length); default: 1,024 tokens per CPU device, 16,384 per GPU / TPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="at most this many texts per batch (as "
+                        "sentence-transformers' batch_size; default: no limit, the token budget decides)")
     parser.add_argument("--tokens-per-batch", type=int, default=None,
-                        help="padded tokens per batch (instead of --batch-size)")
+                        help="computed tokens per batch; default: 1,024 per CPU device, 16,384 per GPU / TPU")
     if max_length:
         parser.add_argument("--max-length", type=int, default=None, help="token limit incl. [CLS]/[SEP] "
                             "(default: the model's sentence-transformers max_seq_length, else 512)")

@@ -16,29 +16,33 @@ blocks, each under nnx.remat, to 47 GiB (benchmarks/bench_memory.py). Remat poli
     "dots_saveable"                      also keep the matmul outputs (more memory, less recompute)
     "dots_with_no_batch_dims_saveable"   keep the dense-layer outputs, recompute attention
 
+Two layouts of the same computation:
+
+    padded  `encode`: texts [B, T] right-padded, one per row (attention_mask 1 on real tokens)
+    packed  `encode_packed`: several texts per row of a block [n, R, L]: segment ids (slot + 1 of the
+            text in its block, 0 = padding) keep attention inside each text, position ids restart at 0 in
+            each text, token type 0; pooling is per text (`pool_segments`), giving [n, slots, D]
+
+Every token computes what it computes in the padded layout (the same position embedding, the same keys in
+attention, the same dropout masks: `piccolo_jax.dropout`), so the two agree to float32 rounding.
+
 The module is driven functionally: `abstract_model` gives the graph definition and abstract parameters
 once, parameters live as a plain nested dict of arrays, and `encode` merges them back in a pure function.
-Dropout randomness is an explicit key (row key, then fold_in(row_key, layer), then fold_in(., site)),
-so the same key always reproduces the same masks, which gradient caching relies on.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from piccolo_jax import attention
+from piccolo_jax import attention, dropout
+from piccolo_jax.dropout import TokenKeys, row_keys  # noqa: F401  (row_keys: the public key of a row)
 from piccolo_jax.model_config import ModelConfig
 
 Params = dict[str, Any]
-
-# Dropout sites inside one block; folded into the layer key so that no two sites share a mask.
-_SITE_ATTN_PROBS, _SITE_ATTN_OUT, _SITE_FFN_OUT = 0, 1, 2
-_EMBED_KEY_INDEX = 1_000_000  # distinct from every layer index
 
 
 def _init(std: float, names: tuple[str, ...]):
@@ -53,67 +57,20 @@ def _ones(names: tuple[str, ...]):
     return nnx.with_partitioning(nnx.initializers.ones_init(), names)
 
 
-def _fold(keys_b: jax.Array | None, i: int) -> jax.Array | None:
-    """Derive a new key per row: fold `i` into each of the B row keys."""
-    return None if keys_b is None else jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_b, i)
+class Grid(NamedTuple):
+    """What attention and dropout need to know about a [B, T] token grid."""
+
+    valid: jax.Array  # [B, T] bool: a real token
+    lengths: jax.Array | None  # [B] int32 real tokens per row (padded layout: the fused kernel's lengths)
+    segments: jax.Array | None  # [B, T] int32, packed layout: text slot + 1, 0 = padding
+    positions: jax.Array  # [B, T] or [1, T] int32: each token's position in its text
 
 
-def _dropout(x_b: jax.Array, rate: float, keys_b: jax.Array | None) -> jax.Array:
-    """Inverted dropout with one key per batch row; identity when `keys_b` is None or the rate is zero.
-
-    Row-wise keys make the masks independent of how the batch is chunked or sharded: row r gets the same
-    mask whether it is encoded in a batch of 32,768 or in a chunk of 2,048 (gradient caching relies on it).
-    """
-    if keys_b is None or rate <= 0.0:
-        return x_b
-    keep_b = _bernoulli_rows(keys_b, 1.0 - rate, x_b.shape[1:])
-    return jnp.where(keep_b, x_b / (1.0 - rate), jnp.zeros_like(x_b)).astype(x_b.dtype)
-
-
-def _bernoulli_rows(keys_b: jax.Array, p: float, row_shape: tuple[int, ...]) -> jax.Array:
-    """[B, *row_shape] booleans, row b = jax.random.bernoulli(keys_b[b], p, row_shape), bit for bit.
-
-    For threefry keys (JAX's default, partitionable bits) the generator is written out as elementwise uint32
-    arithmetic, which XLA fuses into the consumer: jax.random's own CPU lowering runs threefry as a rolled
-    loop over whole arrays, and on CPU that made dropout masks cost about 9x as much (memory traffic of
-    ten passes over uint32 state per site). Any other key type takes jax.random itself.
-    """
-    size = math.prod(row_shape)
-    fast = (jax.dtypes.issubdtype(keys_b.dtype, jax.dtypes.prng_key)
-            and str(jax.random.key_impl(keys_b)) == "threefry2x32"
-            and jax.config.jax_threefry_partitionable and size < 2 ** 32)
-    if not fast:
-        return jax.vmap(lambda k: jax.random.bernoulli(k, p, row_shape))(keys_b)
-    shape = (keys_b.shape[0], *row_shape)
-    # Counter of element (b, i...) within its row: the row-major flat index (jax.random's iota_2x32_shape,
-    # whose high word is 0 below 2^32 elements).
-    counter = jnp.zeros(shape, jnp.uint32)
-    for axis, stride in enumerate(_strides(row_shape), start=1):
-        counter = counter + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    key_data = jax.random.key_data(keys_b).reshape(shape[0], *([1] * len(row_shape)), 2)
-    bits1, bits2 = _threefry2x32(key_data[..., 0], key_data[..., 1], jnp.zeros_like(counter), counter)
-    bits = bits1 ^ bits2
-    # jax.random.uniform's float32 construction from 32 random bits, then bernoulli's comparison.
-    u = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
-    return u < jnp.float32(p)
-
-
-def _strides(shape: tuple[int, ...]) -> list[int]:
-    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
-
-
-def _threefry2x32(k0, k1, x0, x1):
-    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as jax.random computes it, unrolled."""
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for i in range(5):
-        for r in rotations[i % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x0, x1
+def _dropout(x, rate: float, keys: TokenKeys | None, *site: int) -> jax.Array:
+    """Inverted dropout of x [B, T, D] with the token keys of `site` (identity without keys or rate)."""
+    if keys is None or rate <= 0.0:
+        return x
+    return dropout.apply(x, rate, dropout.keep_hidden(keys.at(*site), 1.0 - rate, x.shape[-1]))
 
 
 @jax.custom_vjp
@@ -146,11 +103,6 @@ _SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 
 
-def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
-    """One dropout key per global row index: fold_in(key, row)."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
-
-
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 whatever the compute dtype, output cast back to it."""
 
@@ -178,10 +130,13 @@ class Embeddings(nnx.Module):
                                     embedding_init=_init(std, ("token_types", "embed")), rngs=rngs)
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def __call__(self, input_ids_bt, token_type_ids_bt, dtype) -> jax.Array:
+    def __call__(self, input_ids_bt, token_type_ids_bt, dtype, positions_bt=None) -> jax.Array:
         seq_len = input_ids_bt.shape[1]
         x_btd = jnp.take(self.word.embedding[...], input_ids_bt, axis=0)
-        x_btd = x_btd + self.position.embedding[...][:seq_len][None]
+        if positions_bt is None:  # padded rows: positions 0..T-1, a slice instead of a gather
+            x_btd = x_btd + self.position.embedding[...][:seq_len][None]
+        else:
+            x_btd = x_btd + jnp.take(self.position.embedding[...], positions_bt, axis=0)
         if token_type_ids_bt is None:  # all segment 0: add row 0 instead of gathering
             x_btd = x_btd + self.token_type.embedding[...][0]
         else:
@@ -214,17 +169,22 @@ class Attention(nnx.Module):
         self.value = Dense(d, d, ("embed", "heads"), std, rngs)
         self.output = Dense(d, d, ("heads", "embed"), std, rngs)
 
-    def __call__(self, x_btd, valid_bt, lengths_b, key) -> jax.Array:
+    def __call__(self, x_btd, grid: Grid, keys: TokenKeys | None) -> jax.Array:
         cfg, (b, t, d) = self.cfg, x_btd.shape
         split = lambda y: y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim)  # noqa: E731
         q_btnh, k_btnh, v_btnh = split(self.query(x_btd)), split(self.key(x_btd)), split(self.value(x_btd))
-        if attention.attention_path(cfg, training=key is not None) == "cudnn":
-            o_btnh = attention.fused_attention(q_btnh, k_btnh, v_btnh, lengths_b, valid_bt)
+        path = attention.attention_path(cfg, keys is not None, grid.segments is not None, seq_len=t)
+        if path != "explicit":
+            o_btnh = attention.fused_attention(q_btnh, k_btnh, v_btnh, grid.valid, grid.lengths, grid.segments,
+                                               path)
         else:
-            probs_key = _fold(key, _SITE_ATTN_PROBS)
-            rate = cfg.attention_probs_dropout_prob
-            drop = None if probs_key is None or rate <= 0.0 else (lambda p: _dropout(p, rate, probs_key))
-            o_btnh = attention.explicit_attention(q_btnh, k_btnh, v_btnh, valid_bt, drop)
+            rate, drop = cfg.attention_probs_dropout_prob, None
+            if keys is not None and rate > 0.0:
+                positions_bt = jnp.broadcast_to(grid.positions, (b, t))
+                keep = dropout.keep_attention(keys.at(dropout.SITE_ATTN_PROBS), positions_bt, 1.0 - rate,
+                                              cfg.num_attention_heads, cfg.max_position_embeddings)
+                drop = lambda p: dropout.apply(p, rate, keep)  # noqa: E731
+            o_btnh = attention.explicit_attention(q_btnh, k_btnh, v_btnh, grid.valid, drop, grid.segments)
         return self.output(o_btnh.reshape(b, t, d))
 
 
@@ -240,12 +200,11 @@ class Layer(nnx.Module):
         self.ffn_out = Dense(f, d, ("mlp", "embed"), std, rngs)
         self.ffn_norm = LayerNorm(d, cfg.layer_norm_eps)
 
-    def __call__(self, x_btd, valid_bt, lengths_b, key):
-        a_btd = _dropout(self.attention(x_btd, valid_bt, lengths_b, key), self.hidden_dropout,
-                         _fold(key, _SITE_ATTN_OUT))
+    def __call__(self, x_btd, grid: Grid, keys: TokenKeys | None):
+        a_btd = _dropout(self.attention(x_btd, grid, keys), self.hidden_dropout, keys, dropout.SITE_ATTN_OUT)
         x_btd = self.attention_norm(x_btd + a_btd)
         h_btf = _gelu(self.ffn_in(x_btd))
-        h_btd = _dropout(self.ffn_out(h_btf), self.hidden_dropout, _fold(key, _SITE_FFN_OUT))
+        h_btd = _dropout(self.ffn_out(h_btf), self.hidden_dropout, keys, dropout.SITE_FFN_OUT)
         return self.ffn_norm(x_btd + h_btd)
 
 
@@ -265,7 +224,7 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_layers(layers: Layer, x_btd, valid_bt, lengths_b, keys_b, remat: str) -> jax.Array:
+def scan_layers(layers: Layer, x_btd, grid: Grid, keys: TokenKeys | None, remat: str) -> jax.Array:
     """x -> block_{L-1}(... block_0(x)) as one lax.scan over the stacked parameters.
 
     Block i draws its dropout masks from fold_in(row_key, i), exactly as L separate blocks would.
@@ -275,7 +234,8 @@ def scan_layers(layers: Layer, x_btd, valid_bt, lengths_b, keys_b, remat: str) -
 
     def block(x_btd, xs):
         state, i = xs
-        return nnx.merge(graphdef, state)(x_btd, valid_bt, lengths_b, _fold(keys_b, i)), None
+        layer_keys = None if keys is None else keys.layer(i)
+        return nnx.merge(graphdef, state)(x_btd, grid, layer_keys), None
 
     if remat != "none":
         block = jax.checkpoint(block, policy=_REMAT_POLICIES[remat], prevent_cse=False)
@@ -295,21 +255,32 @@ class BertEncoder(nnx.Module):
                                 rngs)
 
     def __call__(self, input_ids_bt, attention_mask_bt, token_type_ids_bt=None, dropout_key=None,
-                 with_pooler: bool = False) -> dict[str, jax.Array]:
+                 with_pooler: bool = False, positions_bt=None, segments_bt=None) -> dict[str, jax.Array]:
+        """Padded rows (attention_mask) or, with `segments_bt` and `positions_bt`, packed rows."""
         cfg = self.cfg
         dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
-        valid_bt = attention_mask_bt.astype(bool)
-        x_btd = self.embeddings(input_ids_bt, token_type_ids_bt, dtype)
-        keys_b = dropout_key
-        if keys_b is not None and keys_b.ndim == 0:  # one key for the batch: derive row keys 0..B-1
-            keys_b = row_keys(keys_b, jnp.arange(input_ids_bt.shape[0]))
-        x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, _fold(keys_b, _EMBED_KEY_INDEX))
-        lengths_b = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)  # right padding: the fused kernel's lengths
-        x_btd = scan_layers(self.layers, x_btd, valid_bt, lengths_b, keys_b, cfg.remat)
+        b, t = input_ids_bt.shape
+        packed = segments_bt is not None
+        if packed:
+            grid = Grid(segments_bt > 0, None, segments_bt, positions_bt)
+        else:
+            valid_bt = attention_mask_bt.astype(bool)
+            lengths_b = jnp.sum(valid_bt, axis=1, dtype=jnp.int32)  # right padding: the fused kernel's lengths
+            grid = Grid(valid_bt, lengths_b, None, jnp.arange(t, dtype=jnp.int32)[None])
+        x_btd = self.embeddings(input_ids_bt, token_type_ids_bt, dtype, positions_bt if packed else None)
+        keys = None
+        if dropout_key is not None:
+            base = dropout_key
+            if base.ndim == 0:  # one key for the batch: derive row keys 0..B-1
+                base = row_keys(base, jnp.arange(b))
+            keys = TokenKeys(base[:, None] if base.ndim == 1 else base, grid.positions)
+        x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, keys, dropout.EMBED_SITE)
+        x_btd = scan_layers(self.layers, x_btd, grid, keys, cfg.remat)
         out = {"last_hidden_state": x_btd}
-        out["embeddings"] = pool(x_btd, valid_bt, cfg.pooling, cfg.normalize)
-        if with_pooler and cfg.add_pooler:
-            out["pooler_output"] = jnp.tanh(self.pooler(x_btd[:, 0]).astype(jnp.float32))
+        if not packed:
+            out["embeddings"] = pool(x_btd, grid.valid, cfg.pooling, cfg.normalize)
+            if with_pooler and cfg.add_pooler:
+                out["pooler_output"] = jnp.tanh(self.pooler(x_btd[:, 0]).astype(jnp.float32))
         return out
 
 
@@ -324,9 +295,34 @@ def pool(h_btd: jax.Array, valid_bt: jax.Array, pooling: str, normalize: bool) -
         e_bd = h32_btd[:, 0]
     else:
         return h32_btd
-    if normalize:  # torch.nn.functional.normalize: x / max(||x||, 1e-12)
-        e_bd = e_bd / jnp.maximum(jnp.linalg.norm(e_bd, axis=-1, keepdims=True), 1e-12)
-    return e_bd
+    return _normalize(e_bd) if normalize else e_bd
+
+
+def _normalize(e: jax.Array) -> jax.Array:
+    """torch.nn.functional.normalize: x / max(||x||, 1e-12)."""
+    return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+
+def pool_segments(h_nkd: jax.Array, segments_nk: jax.Array, positions_nk: jax.Array, num_slots: int,
+                  pooling: str, normalize: bool) -> jax.Array:
+    """Per-text embeddings [n, num_slots, D] float32 of blocks of k = R x L packed tokens [n, k, D].
+
+    Slot j of block i is the text whose tokens carry segment id j + 1: mean = segment sum / token count
+    (a slot without tokens gives 0), cls = its token at position 0. One scatter-add per block (vmapped,
+    so a sharded block axis needs no communication).
+    """
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling={pooling!r}: packed texts are pooled per text ('mean' or 'cls')")
+    h32 = h_nkd.astype(jnp.float32)
+    if pooling == "cls":
+        h32 = jnp.where((positions_nk == 0)[..., None], h32, 0.0)
+    sums = jax.vmap(lambda h, s: jax.ops.segment_sum(h, s, num_segments=num_slots + 1))(h32, segments_nk)
+    e = sums[:, 1:]
+    if pooling == "mean":
+        ones = (segments_nk > 0).astype(jnp.float32)
+        counts = jax.vmap(lambda w, s: jax.ops.segment_sum(w, s, num_segments=num_slots + 1))(ones, segments_nk)
+        e = e / jnp.maximum(counts[:, 1:, None], 1e-9)
+    return _normalize(e) if normalize else e
 
 
 # ---------------------------------------------------------------------------------------------- functional API
@@ -363,17 +359,39 @@ def _merge(cfg: ModelConfig, params: Params) -> BertEncoder:
     return nnx.merge(_GRAPHDEFS[cfg], params)
 
 
-def encode(cfg: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,
+def encode(cfg: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_mask_bt: jax.Array | None,
            token_type_ids_bt: jax.Array | None = None, dropout_key: jax.Array | None = None,
-           with_pooler: bool = False) -> dict[str, jax.Array]:
+           with_pooler: bool = False, positions_bt: jax.Array | None = None,
+           segments_bt: jax.Array | None = None) -> dict[str, jax.Array]:
     """Pure forward pass: params (nested dict) + token ids -> {"last_hidden_state", "embeddings", ...}.
 
     `dropout_key=None` is inference (deterministic). A key turns every dropout site on: either one key
     (rows get fold_in(key, row)) or a [B] array of per-row keys (see `row_keys`), so that a row's masks do
-    not depend on which batch or chunk it is encoded in.
+    not depend on which batch or chunk it is encoded in. Packed rows: `segments_bt` and `positions_bt`
+    instead of the mask (and [B, T] keys, each token's text's row key); only "last_hidden_state" is
+    returned (`encode_packed` pools per text).
     """
     model = _merge(cfg, params)
-    return model(input_ids_bt, attention_mask_bt, token_type_ids_bt, dropout_key, with_pooler)
+    return model(input_ids_bt, attention_mask_bt, token_type_ids_bt, dropout_key, with_pooler, positions_bt,
+                 segments_bt)
+
+
+def encode_packed(cfg: ModelConfig, params: Params, input_ids_nrl: jax.Array, positions_nrl: jax.Array,
+                  segments_nrl: jax.Array, num_slots: int, dropout_keys_nrl: jax.Array | None = None,
+                  normalize: bool | None = None) -> jax.Array:
+    """Embeddings [n, num_slots, D] (float32) of n blocks of R packed rows of L tokens.
+
+    Block i holds texts in slots 0..num_slots-1: the tokens of slot j carry segment id j + 1 and their
+    positions in the text (0 = [CLS]); 0 marks padding. `dropout_keys_nrl` (None = inference) is the row
+    key of each token's text (`row_keys` of its global row), so each token draws the masks it draws in
+    the padded layout. `normalize` None follows `cfg.normalize`.
+    """
+    n, r, l = input_ids_nrl.shape
+    flat = lambda x: None if x is None else x.reshape(n * r, l)  # noqa: E731
+    h = encode(cfg, params, flat(input_ids_nrl), None, None, flat(dropout_keys_nrl), positions_bt=flat(positions_nrl),
+               segments_bt=flat(segments_nrl))["last_hidden_state"]
+    return pool_segments(h.reshape(n, r * l, -1), segments_nrl.reshape(n, r * l), positions_nrl.reshape(n, r * l),
+                         num_slots, cfg.pooling, cfg.normalize if normalize is None else normalize)
 
 
 def stack_layers(params: Params) -> Params:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from piccolo_jax import memory, sharding
+from piccolo_jax import memory, packing, sharding
 from piccolo_jax.checkpoint import Checkpointer, abstract_like, error_reason
 from piccolo_jax.config import TrainConfig, save_config
 from piccolo_jax.export import write_export
@@ -302,20 +302,24 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     loader = pre.loader
     for line in loader.summary_lines():
         log.info("%s", line)
+    if cfg.data.packing:
+        from piccolo_jax.attention import describe_attention
+
+        log.info("%s", loader.enable_packing(sharding.data_parallel_size(mesh), chunks))
+        log.info("%s", describe_attention(model_cfg, training=True, packed=True))
     metrics_log = MetricsLog(workdir, enabled=is_main)
     bar = ProgressBar(cfg.run.steps, start, enabled=is_main and cfg.run.progress_bar)
     evaluator = Evaluator(cfg, pre.tokenizer, mesh) if cfg.run.eval_path else None
-    keys = tuple(k for k in ("query", "passage", "negative") for k in (f"{k}_input_ids", f"{k}_attention_mask"))
     step = start
     last: dict = {"step": step}
     watch = _StepWatch(cfg.run.max_consecutive_skipped, int(state.skipped))
-    t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
+    t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
     try:
         while step < cfg.run.steps:
             if processes == 1 and stop:  # one process: stop at once; many: when all agree (below)
                 break
             host_batch = next(loader)
-            arrays = {k: host_batch[k] for k in keys if k in host_batch}
+            arrays = packing.step_arrays(host_batch)  # packed or padded
             if processes > 1:
                 arrays[STOP_KEY] = np.full(b // processes, int(bool(stop)), np.int32)
             if step == start:
@@ -325,17 +329,23 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
             step += 1
             agreed_stop = watch.check(step, metrics)  # reads the previous step's flags: no stall
             examples += b
-            n_tok = sum(int(v.sum()) for k, v in host_batch.items() if k.endswith("attention_mask"))
-            tokens += n_tok * processes
-            flops += step_flops(model_cfg, host_batch, processes, chunks)
+            n_tok, n_computed = packing.token_counts(host_batch)
+            tokens, computed = tokens + n_tok * processes, computed + n_computed * processes
+            packed = "packed_query_input_ids" in host_batch
+            flops += (packing.step_flops if packed else step_flops)(model_cfg, host_batch, processes, chunks)
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != STOP_KEY}
                 dt = time.perf_counter() - t_last
                 last = {"step": step, **metrics, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
                         "gflops_per_s": flops / dt / 1e9, **loader.metrics()}
+                if cfg.data.packing:  # real tokens / computed tokens over the steps since the last line
+                    last["packing_efficiency"] = tokens / max(computed, 1)
+                    log.info("step %d packing: %.0f%% of the computed tokens are real; %d batch(es) padded "
+                             "instead (did not fit the packed shapes)", step, 100 * last["packing_efficiency"],
+                             loader.packing_fallbacks)
                 metrics_log.write(step, last)
                 bar.update(step, last, first_window=t_last == 0.0 or step <= start + cfg.run.log_every)
-                t_last, examples, tokens, flops = time.perf_counter(), 0, 0, 0.0
+                t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
             last["step"] = step
             if evaluator is not None and (step == cfg.run.steps or (
                     cfg.run.eval_every and step % cfg.run.eval_every == 0)):

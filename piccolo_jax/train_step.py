@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from piccolo_jax import grad_cache, losses, sharding
-from piccolo_jax.model import abstract_model, encode, init_params
+from piccolo_jax.model import abstract_model, encode, encode_packed, init_params
 from piccolo_jax.model_config import ModelConfig
 
 LOSSES = ("in_batch", "hard_negative", "gte")
@@ -87,7 +87,9 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
     """jit(train_step(state, batch, key) -> (state, metrics)), donating `state`.
 
     `batch` holds global arrays: query_input_ids / query_attention_mask [B, Tq], passage_* [B, Tp] and, for
-    hard negatives, negative_* [B, K, Tp]. `key` is this step's dropout key (e.g. fold_in(seed_key, step)).
+    hard negatives, negative_* [B, K, Tp]; or the packed layout of `packing.pack_host_batch` (the same loss,
+    gradient and update; one compiled program per layout and shape). `key` is this step's dropout key
+    (e.g. fold_in(seed_key, step)).
     """
     shards = sharding.data_parallel_size(mesh)
     loss_fn = make_loss_fn(loss_cfg)
@@ -99,15 +101,21 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
         _, abstract, logical = abstract_model(model_cfg)
         gather = sharding.param_shardings(abstract, logical, mesh, "dp")
 
+    def gathered(params):
+        return params if gather is None else jax.lax.with_sharding_constraint(params, gather)
+
     def encode_fn(params, ids, mask, keys):
-        if gather is not None:
-            params = jax.lax.with_sharding_constraint(params, gather)
-        return encode(model_cfg, params, ids, mask, dropout_key=keys)["embeddings"]
+        return encode(model_cfg, gathered(params), ids, mask, dropout_key=keys)["embeddings"]
+
+    def encode_packed_fn(params, ids, positions, segments, num_slots, keys):
+        return encode_packed(model_cfg, gathered(params), ids, positions, segments, num_slots, keys)
 
     def step(state: TrainState, batch: dict, key: jax.Array):
-        loss, metrics, grads = grad_cache.loss_and_grads(
-            encode_fn, loss_fn, state.params, batch, key, num_chunks=loss_cfg.num_chunks, shards=shards,
-            constrain=sharding.row_constraint(mesh), local_sum=sharding.shard_local_sum(mesh, strategy))
+        packed = "packed_query_input_ids" in batch  # packing.pack_host_batch's layout
+        loss, metrics, grads = (grad_cache.packed_loss_and_grads if packed else grad_cache.loss_and_grads)(
+            encode_packed_fn if packed else encode_fn, loss_fn, state.params, batch, key,
+            num_chunks=loss_cfg.num_chunks, shards=shards, constrain=sharding.row_constraint(mesh),
+            local_sum=sharding.shard_local_sum(mesh, strategy))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers import AutoTokenizer
 
 from piccolo_jax.data import DataConfig, make_loader, to_global_arrays
+from piccolo_jax import packing
 from piccolo_jax.data import batching
 from piccolo_jax.data.sampler import name_key
 from piccolo_jax.tokenization import Tokenizer
@@ -262,3 +263,79 @@ def test_random_negatives_come_from_outside_the_batch():
         assert not np.isin(lenders, batch).any()
     with pytest.raises(ValueError, match="all 8 records are in the batch"):
         batching.fill_record_ids(1, "d", 0, np.arange(2), np.arange(8), 8, 3)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def _unpack_blocks(batch, side, blocks, length):
+    """Per block, the token lists of its slots read back from the packed arrays."""
+    arrays = [batch[f"packed_{side}_{f}"].reshape(blocks, -1, length) for f in ("input_ids", "positions", "segments")]
+    out = []
+    for ids, pos, seg in zip(*arrays):
+        texts: dict = {}
+        for r, u in zip(*np.nonzero(seg)):
+            texts.setdefault(int(seg[r, u]) - 1, []).append((int(pos[r, u]), int(ids[r, u])))
+        out.append([[t for _, t in sorted(texts[s])] for s in range(len(texts))])
+    return out
+
+
+def test_packed_batches_hold_the_padded_batches_texts(data_dir, tokenizer):
+    """shards x chunks = 4 blocks of m = 2 rows: every block's slots are its rows' query, positives and
+    negatives, token for token as the padded loader gives them; shapes constant; the real-token count."""
+    cfg, k = _cfg(data_dir, global_batch_size=16), 4
+    padded_loader, packed_loader = make_loader(cfg, tokenizer), make_loader(cfg, tokenizer)
+    line = packed_loader.enable_packing(shards=2, num_chunks=2)
+    spec = packed_loader.packing
+    assert "packing: per device and chunk, 4 queries in" in line and spec.query_length == 32
+    shapes = set()
+    for _ in range(12):
+        padded, packed = next(padded_loader), next(packed_loader)
+        assert not packed["packing"]["fallback"] and "query_input_ids" not in packed
+        shapes.add(tuple(packed[f"packed_{s}_input_ids"].shape for s in ("query", "document")))
+        q = [_unpadded(i, m) for i, m in zip(padded["query_input_ids"], padded["query_attention_mask"])]
+        p = [_unpadded(i, m) for i, m in zip(padded["passage_input_ids"], padded["passage_attention_mask"])]
+        n = [[_unpadded(i, m) for i, m in zip(ii, mm)]
+             for ii, mm in zip(padded["negative_input_ids"], padded["negative_attention_mask"])]
+        got_q = _unpack_blocks(packed, "query", 4, spec.query_length)
+        got_d = _unpack_blocks(packed, "document", 4, spec.document_length)
+        for j in range(4):
+            rows = range(4 * j, 4 * j + 4)
+            assert got_q[j] == [q[r] for r in rows]
+            assert got_d[j] == [p[r] for r in rows] + [x for r in rows for x in n[r]]
+        np.testing.assert_array_equal(packed["packed_document_lengths"],
+                                      np.concatenate([padded["passage_attention_mask"].sum(1)[:, None],
+                                                      padded["negative_attention_mask"].sum(2)], axis=1))
+        real = sum(int(padded[f"{s}_attention_mask"].sum()) for s in ("query", "passage", "negative"))
+        assert packed["packing"]["real_tokens"] == real < packed["packing"]["computed_tokens"]
+    assert shapes == {((4 * spec.query_rows, 32), (4 * spec.document_rows, 48))}  # one shape: one program
+    assert packed_loader.metrics()["data/packing_fallbacks"] == 0
+
+
+@pytest.mark.parametrize("hosts", [2, 4])
+def test_hosts_pack_their_own_rows_into_the_same_shapes(data_dir, tokenizer, hosts):
+    cfg = _cfg(data_dir, global_batch_size=16)
+    whole = make_loader(cfg, tokenizer)
+    parts = [make_loader(cfg, tokenizer, process_index=i, process_count=hosts) for i in range(hosts)]
+    for loader in (whole, *parts):
+        loader.enable_packing(shards=4, num_chunks=2)
+    assert all(p.packing == whole.packing for p in parts)  # no host talks to another
+    for _ in range(8):
+        expected, got = next(whole), [next(p) for p in parts]
+        for key, value in expected.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), value)
+
+
+def test_a_batch_that_does_not_fit_the_packed_shapes_is_padded_and_counted(data_dir, tokenizer):
+    import dataclasses
+
+    cfg = _cfg(data_dir, global_batch_size=16)
+    loader = make_loader(cfg, tokenizer)
+    loader.enable_packing(shards=2, num_chunks=1)
+    loader.packing = dataclasses.replace(loader.packing, document_rows=1)  # 8 x (1 + 4) documents: never fit
+    batch = next(loader)
+    assert batch["packing"]["fallback"] and batch["passage_input_ids"].shape[0] == 16
+    assert batch["packing"]["real_tokens"] == sum(int(batch[k].sum()) for k in batch if k.endswith("mask"))
+    assert packing.step_arrays(batch).keys() == {k for k in batch if k.endswith(("_ids", "_mask"))}
+    assert loader.metrics()["data/packing_fallbacks"] == 1
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        loader.enable_packing(shards=2, num_chunks=1)

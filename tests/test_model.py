@@ -113,14 +113,26 @@ def test_dropout_key_determinism_and_remat_gradients():
 
 def _reference_with_dropout(cfg, params, ids, mask, key):
     """BERT with dropout written out per layer (unrolled, jax.random.bernoulli masks, jax.nn.gelu), keyed
-    as documented: row r -> fold_in(key, r); embeddings fold_in(row, 1_000_000); layer i fold_in(row, i),
-    then sites 0 (attention probabilities), 1 (attention output), 2 (FFN output)."""
+    as documented in piccolo_jax.dropout: row r -> fold_in(key, r); embeddings fold_in(row, 1_000_000),
+    layer i fold_in(row, i), then sites 0 (attention probabilities), 1 (attention output), 2 (FFN output);
+    then the token's position t: fold_in(., t). A hidden mask is bernoulli(token key, (D,)); the attention
+    mask of query token t is bernoulli(token key, (N, M))[:, key position], M = max_position_embeddings."""
     rate_h, rate_a = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
     rows = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(ids.shape[0]))
+    t_len = ids.shape[1]
 
-    def drop(x, rate, keys):
-        keep = jax.vmap(lambda k, r: jax.random.bernoulli(k, 1 - rate, r.shape))(keys, x)
+    def token_keys(keys):  # [B] -> [B, T]
+        return jax.vmap(lambda k: jax.vmap(lambda t: jax.random.fold_in(k, t))(jnp.arange(t_len)))(keys)
+
+    def drop(x, rate, keys):  # x [B, T, D]
+        keep = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, 1 - rate, (x.shape[-1],))))(token_keys(keys))
         return jnp.where(keep, x / (1 - rate), 0)
+
+    def drop_probs(p, rate, keys):  # p [B, N, T, S]
+        n, m = p.shape[1], cfg.max_position_embeddings
+        keep = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, 1 - rate, (n, m))))(token_keys(keys))
+        keep = jnp.transpose(keep[..., :p.shape[-1]], (0, 2, 1, 3))  # [B, T, N, S] -> [B, N, T, S]
+        return jnp.where(keep, p / (1 - rate), 0)
 
     def fold(keys, i):
         return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
@@ -142,7 +154,7 @@ def _reference_with_dropout(cfg, params, ids, mask, key):
         at = lp["attention"]
         q, k_, v = heads(dense(x, at["query"])), heads(dense(x, at["key"])), heads(dense(x, at["value"]))
         s = jnp.einsum("bqnh,bknh->bnqk", q, k_) / np.sqrt(h) + jnp.where(mask[:, None, None, :] > 0, 0, -1e30)
-        probs = drop(jax.nn.softmax(s, axis=-1), rate_a, fold(keys, 0))
+        probs = drop_probs(jax.nn.softmax(s, axis=-1), rate_a, fold(keys, 0))
         o = jnp.einsum("bnqk,bknh->bqnh", probs, v).reshape(x.shape)
         x = ln(x + drop(dense(o, at["output"]), rate_h, fold(keys, 1)), lp["attention_norm"])
         f = dense(jax.nn.gelu(dense(x, lp["ffn_in"]), approximate=False), lp["ffn_out"])
@@ -243,12 +255,20 @@ def test_config_mismatch_is_refused():
 
 
 def test_fused_dropout_masks_equal_jax_random_bernoulli():
-    from piccolo_jax import model as model_lib
+    from piccolo_jax import dropout
 
-    if not hasattr(model_lib, "_bernoulli_rows"):
-        pytest.skip("dropout masks come from jax.random directly")
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(3), jnp.arange(5))
-    for shape, p in (((7,), 0.9), ((4, 33), 0.5), ((2, 3, 16, 16), 0.1)):
-        ours = model_lib._bernoulli_rows(keys, p, shape)
-        ref = jax.vmap(lambda k: jax.random.bernoulli(k, p, shape))(keys)  # noqa: B023
-        assert ours.shape == ref.shape and bool(jnp.all(ours == ref)), shape
+    for data in (0, 7, 2 ** 31 + 5):  # fold_in, written out
+        ours = jax.random.key_data(dropout.fold(keys, data))
+        ref = jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data))
+        assert bool(jnp.all(ours == ref)), data
+    tokens = dropout.fold(keys[:, None], jnp.arange(6)[None])  # [5, 6] token keys
+    for width, p in ((7, 0.9), (33, 0.5), (256, 0.1)):
+        ours = dropout.keep_hidden(tokens, p, width)
+        ref = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, p, (width,))))(tokens)  # noqa: B023
+        assert ours.shape == ref.shape and bool(jnp.all(ours == ref)), width
+    positions = jnp.asarray([[4, 0, 2, 9], [1, 1, 3, 0], [0, 5, 6, 7], [2, 2, 2, 2], [9, 8, 7, 6]])
+    ours = dropout.keep_attention(tokens, positions, 0.3, 3, 10)  # [5, 3 heads, 6, 4]
+    full = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, 0.3, (3, 10))))(tokens)  # [5, 6, 3, 10]
+    ref = jnp.stack([full[b][:, :, positions[b]] for b in range(5)]).transpose(0, 2, 1, 3)
+    assert ours.shape == ref.shape == (5, 3, 6, 4) and bool(jnp.all(ours == ref))

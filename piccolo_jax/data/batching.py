@@ -9,6 +9,11 @@ a record with none gets the positives of K records of the same dataset that are 
 All hosts pad a global batch to the same lengths T without talking to each other: T is decided from the
 per-record character bounds of ALL B rows (arrays every host holds), rounded up to `pad_multiple` and
 capped at the max length; each host then tokenises only its own rows.
+
+With packing (`DataConfig.packing`, shapes from `packing.PackingSpec`) the same per-text bounds decide,
+again on every host alike, whether the batch fits the packed shapes (`packed_layout`); if it does, each
+host packs its own blocks (`packing.pack_host_batch`), else it pads the batch as above (a fallback the
+loader counts).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 from piccolo_jax.data.config import DataConfig
 from piccolo_jax.data.sampler import BatchPlan, name_key
 from piccolo_jax.data.sources import Source
+from piccolo_jax.packing import (PackingSpec, document_blocks, first_fit, pack_host_batch, query_blocks,
+                                 token_counts)
 from piccolo_jax.tokenization import Tokenizer, char_token_bounds
 
 _TAG_POSITIVE, _TAG_NEGATIVE, _TAG_FILL = 11, 12, 13
@@ -72,45 +79,45 @@ def padded_length(bound: int, max_length: int, multiple: int) -> int:
     return min(max_length, -(-bound // multiple) * multiple)
 
 
+def text_bounds(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Upper bounds on the token count of every text of the global batch, identical on every host:
+    queries [B] and documents [B, 1 + K] (positive, then the K negatives), int64, each capped at its max
+    length (prefix and [CLS] / [SEP] included; the max lengths when the tokenizer has no proven bound)."""
+    rows, k = plan.record_ids, cfg.num_negatives
+    qmax, pmax = cfg.query_max_length, cfg.passage_max_length
+    if not tokenizer.char_bound_holds:
+        return np.full(len(rows), qmax, np.int64), np.full((len(rows), 1 + k), pmax, np.int64)
+    query_prefix, passage_prefix = cfg.prefixes(source.name)
+    prefix_q, prefix_p = (int(x) for x in char_token_bounds([query_prefix, passage_prefix]))
+    extra = tokenizer.num_special
+    q = source.query_bounds[rows].astype(np.int64) + prefix_q + extra
+    d = np.repeat(source.passage_bounds[rows].astype(np.int64)[:, None], 1 + k, axis=1)
+    if k:
+        lacking = np.flatnonzero(source.num_negatives[rows] == 0)
+        if len(lacking):  # their negatives are positives of other records (`fill_record_ids`)
+            fill = fill_record_ids(cfg.seed, source.name, plan.epoch, rows[lacking], rows, len(source), k)
+            d[lacking, 1:] = source.passage_bounds[fill].astype(np.int64)
+    return np.minimum(q, qmax), np.minimum(d + prefix_p + extra, pmax)
+
+
 def global_lengths(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer) -> tuple[int, int]:
     """(Tq, Tp) for the whole global batch, identical on every host (see module doc)."""
-    if not tokenizer.char_bound_holds:
-        return cfg.query_max_length, cfg.passage_max_length
-    query_prefix, passage_prefix = cfg.prefixes(source.name)
-    prefix_q, prefix_p = char_token_bounds([query_prefix, passage_prefix])
-    rows = plan.record_ids
-    passage_bound = int(source.passage_bounds[rows].max())
-    if cfg.num_negatives:
-        lacking = rows[source.num_negatives[rows] == 0]
-        if len(lacking):
-            fill = fill_record_ids(cfg.seed, source.name, plan.epoch, lacking, rows, len(source),
-                                   cfg.num_negatives)
-            passage_bound = max(passage_bound, int(source.passage_bounds[fill].max()))
-    tq = padded_length(int(source.query_bounds[rows].max()) + int(prefix_q) + tokenizer.num_special,
-                       cfg.query_max_length, cfg.pad_multiple)
-    tp = padded_length(passage_bound + int(prefix_p) + tokenizer.num_special,
-                       cfg.passage_max_length, cfg.pad_multiple)
-    return tq, tp
+    q, d = text_bounds(plan, source, cfg, tokenizer)
+    return (padded_length(int(q.max()), cfg.query_max_length, cfg.pad_multiple),
+            padded_length(int(d.max()), cfg.passage_max_length, cfg.pad_multiple))
 
 
-def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer,
-                     process_index: int, process_count: int) -> dict:
-    """This host's rows [process_index*b, (process_index+1)*b) of the global batch, b = B / hosts.
-
-    Returns query_input_ids / query_attention_mask [b, Tq], passage_input_ids / passage_attention_mask
-    [b, Tp], and when K > 0 negative_input_ids / negative_attention_mask [b, K, Tp] (all int32), plus
-    record_index [b] int32 and the Python values step, dataset_index, dataset_name.
-    """
-    b = len(plan.record_ids) // process_count
-    rows = plan.record_ids[process_index * b:(process_index + 1) * b]
-    tq, tp = global_lengths(plan, source, cfg, tokenizer)
+def host_token_ids(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer, rows: np.ndarray
+                   ) -> tuple[list, list, list]:
+    """Token ids of the rows `rows` of the batch: queries [b], positives [b], negatives [b K] (row-major)."""
     query_prefix, passage_prefix = cfg.prefixes(source.name)
     records = source.records(rows)
     k, name = cfg.num_negatives, source.name
     queries = [(r.prompt or query_prefix) + r.query for r in records]
     passages = [passage_prefix + r.positives[positive_slot(cfg.seed, name, plan.epoch, rid, len(r.positives))]
                 for rid, r in zip(rows, records)]
-    batch = {}
+    negatives = []
     if k:
         lacking = [i for i, r in enumerate(records) if not r.negatives]
         lenders = {}
@@ -118,22 +125,63 @@ def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer
             fill = fill_record_ids(cfg.seed, name, plan.epoch, rows[lacking], plan.record_ids, len(source), k)
             lent = source.records(fill.reshape(-1))
             lenders = {i: lent[j * k:(j + 1) * k] for j, i in enumerate(lacking)}
-        negatives = []
         for i, (rid, r) in enumerate(zip(rows, records)):
             if i in lenders:
                 negatives += [passage_prefix + other.positives[0] for other in lenders[i]]
             else:
                 slots = negative_slots(cfg.seed, name, plan.epoch, rid, len(r.negatives), k)
                 negatives += [passage_prefix + r.negatives[s] for s in slots]
-        neg = tokenizer.pad(tokenizer.token_ids(negatives, cfg.passage_max_length), tp)
+    return (tokenizer.token_ids(queries, cfg.query_max_length), tokenizer.token_ids(passages, cfg.passage_max_length),
+            tokenizer.token_ids(negatives, cfg.passage_max_length) if k else [])
+
+
+def packed_layout(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer, spec: PackingSpec
+                  ) -> dict | None:
+    """The bounds' first-fit layout of every block of the global batch ({"query": (rows, offsets),
+    "document": ...}), or None when some block needs more rows than `spec` has (identical on every host)."""
+    q, d = text_bounds(plan, source, cfg, tokenizer)
+    blocks = spec.shards * spec.num_chunks
+    rq, rows_q, off_q = first_fit(query_blocks(q, blocks), spec.query_length)
+    rd, rows_d, off_d = first_fit(document_blocks(d, blocks), spec.document_length)
+    if rq.max() > spec.query_rows or rd.max() > spec.document_rows:
+        return None
+    return {"query": (rows_q, off_q), "document": (rows_d, off_d)}
+
+
+def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer,
+                     process_index: int, process_count: int, packing: PackingSpec | None = None) -> dict:
+    """This host's rows [process_index*b, (process_index+1)*b) of the global batch, b = B / hosts.
+
+    Padded (packing None, or a batch that does not fit `packing`): query_input_ids / query_attention_mask
+    [b, Tq], passage_input_ids / passage_attention_mask [b, Tp], and when K > 0 negative_input_ids /
+    negative_attention_mask [b, K, Tp] (all int32). Packed: the arrays of `packing.pack_host_batch`.
+    Both carry record_index [b] int32 and the Python values step, dataset_index, dataset_name, and with
+    `packing` a dict "packing" (real / computed tokens of this host, whether the batch fell back).
+    """
+    b = len(plan.record_ids) // process_count
+    rows = plan.record_ids[process_index * b:(process_index + 1) * b]
+    queries, passages, negatives = host_token_ids(plan, source, cfg, tokenizer, rows)
+    k = cfg.num_negatives
+    info = {"record_index": rows.astype(np.int32), "step": plan.step, "dataset_index": plan.dataset,
+            "dataset_name": source.name}
+    layout = None if packing is None else packed_layout(plan, source, cfg, tokenizer, packing)
+    if layout is not None:
+        documents = [[p, *negatives[i * k:(i + 1) * k]] for i, p in enumerate(passages)]
+        blocks_per_host = packing.shards * packing.num_chunks // process_count
+        batch = pack_host_batch(queries, documents, packing, process_index * blocks_per_host, layout,
+                                tokenizer.pad_id)
+        return {**batch, **info}
+    tq, tp = global_lengths(plan, source, cfg, tokenizer)
+    batch = {}
+    if k:
+        neg = tokenizer.pad(negatives, tp)
         batch["negative_input_ids"] = neg["input_ids"].reshape(b, k, tp)
         batch["negative_attention_mask"] = neg["attention_mask"].reshape(b, k, tp)
-    query = tokenizer.pad(tokenizer.token_ids(queries, cfg.query_max_length), tq)
-    passage = tokenizer.pad(tokenizer.token_ids(passages, cfg.passage_max_length), tp)
+    query, passage = tokenizer.pad(queries, tq), tokenizer.pad(passages, tp)
     batch.update({
         "query_input_ids": query["input_ids"], "query_attention_mask": query["attention_mask"],
-        "passage_input_ids": passage["input_ids"], "passage_attention_mask": passage["attention_mask"],
-        "record_index": rows.astype(np.int32),
-        "step": plan.step, "dataset_index": plan.dataset, "dataset_name": name,
-    })
+        "passage_input_ids": passage["input_ids"], "passage_attention_mask": passage["attention_mask"], **info})
+    if packing is not None:
+        real, computed = token_counts(batch)
+        batch["packing"] = {"real_tokens": real, "computed_tokens": computed, "fallback": True}
     return batch

@@ -30,6 +30,9 @@ class DataConfig:
     passage_max_length: int = 512  # piccolo: 512 in finetune, 128 in pretrain
     # Padded lengths are multiples of this (capped at the max length): 512 / 64 = at most 8 shapes.
     pad_multiple: int = 64
+    # Pack several texts into each row of max-length tokens (attention within each text), so the encoder
+    # computes real tokens only; the same loss and gradients as padding. false: pad every batch side.
+    packing: bool = True
     # Instructions prepended before tokenising (piccolo's), except on symmetric datasets.
     query_prefix: str = "查询: "  # on queries
     passage_prefix: str = "结果: "  # on positives and hard negatives

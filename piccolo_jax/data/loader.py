@@ -25,7 +25,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from piccolo_jax.data.batching import build_host_batch
+from piccolo_jax import packing
+from piccolo_jax.data.batching import build_host_batch, text_bounds
 from piccolo_jax.data.config import DataConfig
 from piccolo_jax.data.sampler import Sampler
 from piccolo_jax.data.sources import Source, open_sources
@@ -88,9 +89,37 @@ class Loader:
         self._closed = False
         self._pool = (concurrent.futures.ThreadPoolExecutor(cfg.num_workers, "piccolo-data")
                       if cfg.num_workers else None)
+        self.packing: packing.PackingSpec | None = None  # set by enable_packing
+        self.packing_fallbacks = 0  # batches handed out padded because they did not fit the packed shapes
+        self._handed_out = 0
         if not tokenizer.char_bound_holds:
             self.warnings.append(f"{tokenizer.source}: token counts cannot be bounded from characters; "
                                  "padding every batch to the max lengths")
+
+    def enable_packing(self, shards: int, num_chunks: int) -> str:
+        """Pack every batch for `shards` batch shards and `num_chunks` gradient-caching chunks (see
+        piccolo_jax.packing); only before the first batch. Returns the log line of the packed shapes.
+
+        The rows per block are the most that the token bounds of any block of the first batches of the run
+        need (at most 64 batches, 2 M texts), plus 5 %: the same on every host and at every resume.
+        """
+        if self._pending or self._state != self._planned or self._handed_out:
+            raise RuntimeError("Loader.enable_packing must come before the first batch")
+        cfg, b, k = self.cfg, self.cfg.global_batch_size, self.cfg.num_negatives
+        blocks = shards * num_chunks
+        if shards % self.process_count or b % blocks:
+            raise ValueError(f"packing: global_batch_size {b} over {shards} shards x {num_chunks} chunks on "
+                             f"{self.process_count} process(es) does not split into equal blocks")
+        state, rq, rd = self.sampler.initial_state(), 1, 1
+        for _ in range(max(1, min(packing.SAMPLE_STEPS, packing.SAMPLE_TEXTS // (b * (2 + k))))):
+            plan, state = self.sampler.plan(state)
+            q, d = text_bounds(plan, self.sources[plan.dataset], cfg, self.tokenizer)
+            need_q, need_d = packing.rows_needed(q, d, blocks, cfg.query_max_length, cfg.passage_max_length)
+            rq, rd = max(rq, need_q), max(rd, need_d)
+        m = b // blocks
+        self.packing = packing.PackingSpec(shards, num_chunks, packing.with_headroom(rq, m), cfg.query_max_length,
+                                           packing.with_headroom(rd, m * (1 + k)), cfg.passage_max_length)
+        return self.packing.describe(b, k)
 
     def restore(self, state: Mapping) -> None:
         """Continue after the batch described by `state` (from `state()`); only before the first batch."""
@@ -142,8 +171,10 @@ class Loader:
     def metrics(self) -> dict[str, float]:
         """Flat numbers for the metrics log: bad records per dataset and in total."""
         bad = {f"data/bad_records/{s.name}": float(sum(s.bad_records.values())) for s in self.sources}
-        return {**bad, "data/bad_records_total": float(sum(bad.values())),
-                "data/step": float(self._state["step"])}
+        out = {**bad, "data/bad_records_total": float(sum(bad.values())), "data/step": float(self._state["step"])}
+        if self.packing is not None:
+            out["data/packing_fallbacks"] = float(self.packing_fallbacks)
+        return out
 
     # -- iteration -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -152,7 +183,7 @@ class Loader:
 
     def _build(self, plan):
         return build_host_batch(plan, self.sources[plan.dataset], self.cfg, self.tokenizer,
-                                self.process_index, self.process_count)
+                                self.process_index, self.process_count, self.packing)
 
     def _submit(self) -> None:
         plan, self._planned = self.sampler.plan(self._planned)
@@ -172,7 +203,9 @@ class Loader:
             self._submit()
         job, after = self._pending.popleft()
         batch = job.result() if self._pool is not None else self._build(job)
-        self._state = after
+        self._state, self._handed_out = after, self._handed_out + 1
+        if batch.get("packing", {}).get("fallback"):
+            self.packing_fallbacks += 1
         return batch
 
     def close(self) -> None:
@@ -204,7 +237,8 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0, p
         record_index                                 [b]          rows of the dataset (for debugging)
         step, dataset_index, dataset_name            Python int / int / str
     Tq and Tp are the same on every host for a given step (decided from the whole global batch),
-    multiples of cfg.pad_multiple or the max lengths.
+    multiples of cfg.pad_multiple or the max lengths. After `loader.enable_packing(shards, chunks)` batches
+    come packed (`packing.pack_host_batch`), or padded as above when they do not fit the packed shapes.
     """
     sources = open_sources(cfg.paths, cfg.record_format, cfg.skip_bad_records, cfg.max_record_bytes)
     return Loader(cfg, tokenizer, sources, process_index, process_count, state)

@@ -1,0 +1,316 @@
+"""Packed sequences: several texts per row of a fixed length, so that the encoder computes real tokens only.
+
+A *block* is the unit a device encodes at once: the texts of one gradient-caching chunk on one batch
+shard (the whole shard's rows without chunks). With B rows, S batch shards and C chunks, every block
+holds m = B / (S C) queries and their documents, and block j = s C + c holds global rows
+[j m, (j + 1) m) (gradient caching interleaves chunks over shards: `grad_cache.to_chunks`):
+
+    queries    slot i           = query of row j m + i                      (m slots)
+    documents  slot i           = positive of row j m + i                   (m (1 + K) slots)
+               slot m + i K + k = hard negative k of row j m + i
+
+Each side of a block is packed into R rows of L tokens (L = the side's max length, so every text fits a
+row). The token at row r, column u carries three int32 arrays: its token id, its position in its text
+(0 = [CLS]) and its segment id (slot + 1; 0 = padding). The packed batch of a host is, per side,
+[blocks of this host x R, L] in block order, plus the token counts of its texts ([b] queries, [b, 1 + K]
+documents), which also give B and K to the train step.
+
+Shapes are static: R is one number per side for the whole run (`estimate_rows`: the most rows any block
+of the first batches needs, plus 5 %). Every host decides, without talking, whether a batch fits: it
+packs *upper bounds* of every text's token count (from characters, `tokenization.char_token_bounds`,
+known for all rows on every host) with first-fit decreasing, for all blocks of the global batch. A batch
+whose bounds need more than R rows in any block falls back to the padded layout (the same results; one
+more compiled program, counted in the log). Each host then packs its own blocks with the real token
+counts, and where first-fit on those would need more rows than the bounds' layout (first-fit is not
+monotone), it writes the tokens at the bounds' layout, which fits by construction.
+
+First-fit decreasing (Johnson 1973) uses at most 11/9 OPT + 1 rows; real tokens / computed tokens is the
+*packing efficiency* the trainer logs (padding to one length per global batch at piccolo's 32,768 pairs
+of 10-30 token queries and 50-300 token passages computes mostly padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+HEADROOM = 0.05  # rows above the most seen in the sampled batches
+SAMPLE_STEPS = 64  # batches sampled to size R
+SAMPLE_TEXTS = 2_000_000  # at most this many texts sampled (large global batches: fewer steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingSpec:
+    """The packed shapes of a run: per side, R rows of L tokens per block."""
+
+    shards: int  # S: batch shards (data-parallel devices)
+    num_chunks: int  # C: gradient-caching chunks
+    query_rows: int  # R_q
+    query_length: int  # L_q = query max length
+    document_rows: int  # R_d
+    document_length: int  # L_d = passage max length
+
+    def describe(self, global_batch: int, num_negatives: int) -> str:
+        m = global_batch // (self.shards * self.num_chunks)
+        return (f"packing: per device and chunk, {m} queries in {self.query_rows} row(s) x {self.query_length} "
+                f"tokens, {m * (1 + num_negatives)} documents in {self.document_rows} row(s) x "
+                f"{self.document_length} (instead of {m} x {self.query_length} and {m * (1 + num_negatives)} x "
+                f"{self.document_length} padded); a batch that needs more rows is padded instead (counted)")
+
+
+def first_fit(lengths_nm: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First-fit decreasing of each block's texts into rows of `capacity` tokens, vectorised over blocks.
+
+    lengths_nm [n, m]: token counts (0 = no text, not placed), each <= capacity. Returns (rows used [n],
+    row [n, m], offset [n, m]): text i of block j starts at column offset[j, i] of row row[j, i] (-1 for
+    empty texts). Texts go longest first (ties by slot) into the first row with room; first fit never
+    leaves two rows at most half full, so ceil(2 sum / capacity) + 1 rows always suffice.
+    """
+    lengths_nm = np.asarray(lengths_nm, np.int64)
+    n, m = lengths_nm.shape
+    if lengths_nm.size and lengths_nm.max() > capacity:
+        raise ValueError(f"a text of {lengths_nm.max()} tokens does not fit a row of {capacity}")
+    rows = np.full((n, m), -1, np.int64)
+    offsets = np.full((n, m), -1, np.int64)
+    if not lengths_nm.size:
+        return np.zeros(n, np.int64), rows, offsets
+    cap_rows = int(min(m, 2 * math.ceil(lengths_nm.sum(axis=1).max() / capacity) + 1))
+    free = np.full((n, cap_rows), capacity, np.int64)
+    order = np.argsort(-lengths_nm, axis=1, kind="stable")
+    blocks = np.arange(n)
+    for rank in range(m):
+        slot = order[:, rank]
+        size = lengths_nm[blocks, slot]
+        row = np.argmax(free >= size[:, None], axis=1)  # first row with room (one always has: see above)
+        place = size > 0
+        offsets[blocks[place], slot[place]] = capacity - free[blocks[place], row[place]]
+        rows[blocks[place], slot[place]] = row[place]
+        free[blocks[place], row[place]] -= size[place]
+        if (free < 0).any():
+            raise AssertionError("first fit ran out of rows")  # impossible: see the docstring's bound
+    return (free < capacity).sum(axis=1), rows, offsets
+
+
+def query_blocks(x: np.ndarray, blocks: int) -> np.ndarray:
+    """[B, ...] per-row values -> [blocks, m, ...] (block j = rows j m .. j m + m - 1)."""
+    return x.reshape(blocks, x.shape[0] // blocks, *x.shape[1:])
+
+
+def document_blocks(d: np.ndarray, blocks: int) -> np.ndarray:
+    """[B, 1 + K] per-document values -> [blocks, m (1 + K)] in slot order (positives, then negatives)."""
+    d = query_blocks(d, blocks)
+    return np.concatenate([d[:, :, 0], d[:, :, 1:].reshape(blocks, -1)], axis=1)
+
+
+def rows_needed(query_bounds: np.ndarray, document_bounds: np.ndarray, blocks: int, query_length: int,
+                document_length: int) -> tuple[int, int]:
+    """The most rows any block needs per side (first fit of the bounds), over all blocks of a batch."""
+    rq, _, _ = first_fit(query_blocks(query_bounds, blocks), query_length)
+    rd, _, _ = first_fit(document_blocks(document_bounds, blocks), document_length)
+    return int(rq.max()), int(rd.max())
+
+
+def with_headroom(rows: int, most: int) -> int:
+    """rows + 5 % (rounded down), at most `most` (one text per row)."""
+    return min(most, rows + int(HEADROOM * rows))
+
+
+def pack_side(token_ids: Sequence[Sequence[int]], bound_rows: np.ndarray, bound_offsets: np.ndarray,
+              num_rows: int, length: int, pad_id: int) -> tuple[dict[str, np.ndarray], int]:
+    """Pack one block's texts (slot order) into ids / positions / segments [num_rows, length] int32.
+
+    First fit of the real token counts when it fits `num_rows`, else the bounds' layout (`bound_rows`,
+    `bound_offsets`, from `first_fit` of upper bounds, which fits). Returns the arrays and the real tokens.
+    """
+    lengths = np.fromiter(map(len, token_ids), np.int64, len(token_ids))
+    used, rows, offsets = first_fit(lengths[None], length)
+    if used[0] > num_rows:
+        rows, offsets = bound_rows[None], bound_offsets[None]
+    ids = np.full((num_rows, length), pad_id, np.int32)
+    positions = np.zeros((num_rows, length), np.int32)
+    segments = np.zeros((num_rows, length), np.int32)
+    for slot, seq in enumerate(token_ids):
+        r, o, n = int(rows[0, slot]), int(offsets[0, slot]), len(seq)
+        if r >= num_rows or o + n > length:
+            raise AssertionError(f"text {slot} ({n} tokens) placed outside the packed block")
+        ids[r, o:o + n] = seq
+        positions[r, o:o + n] = np.arange(n)
+        segments[r, o:o + n] = slot + 1
+    return {"input_ids": ids, "positions": positions, "segments": segments}, int(lengths.sum())
+
+
+def pack_host_batch(query_ids: Sequence[Sequence[int]], document_ids: Sequence[Sequence[Sequence[int]]],
+                    spec: PackingSpec, first_block: int, bound_layout: dict, pad_id: int) -> dict:
+    """This host's packed arrays from its rows' token ids (queries [b], documents [b][1 + K]).
+
+    `first_block` is the global index of this host's first block; `bound_layout` holds the bounds'
+    first-fit layouts of all blocks ({"query": (rows, offsets), "document": (rows, offsets)}, [blocks, slots]).
+    """
+    b = len(query_ids)
+    m = bound_layout["query"][0].shape[1]  # queries per block
+    if b % m or first_block + b // m > bound_layout["query"][0].shape[0]:
+        raise ValueError(f"{b} rows from block {first_block} do not split into blocks of {m}")
+    out: dict[str, list] = {}
+    real = 0
+    for j in range(b // m):
+        rows = document_ids[j * m:(j + 1) * m]
+        docs = [d[0] for d in rows] + [n for d in rows for n in d[1:]]
+        for side, texts, r_count, length in (
+                ("query", query_ids[j * m:(j + 1) * m], spec.query_rows, spec.query_length),
+                ("document", docs, spec.document_rows, spec.document_length)):
+            layout_rows, layout_offsets = bound_layout[side]
+            arrays, n_real = pack_side(texts, layout_rows[first_block + j], layout_offsets[first_block + j],
+                                       r_count, length, pad_id)
+            real += n_real
+            for name, arr in arrays.items():
+                out.setdefault(f"packed_{side}_{name}", []).append(arr)
+    batch = {k: np.concatenate(v) for k, v in out.items()}
+    batch["packed_query_lengths"] = np.fromiter(map(len, query_ids), np.int32, b)
+    batch["packed_document_lengths"] = np.array([[len(t) for t in d] for d in document_ids], np.int32)
+    batch["packed_document_lengths"] = batch["packed_document_lengths"].reshape(b, -1)
+    computed = (b // m) * (spec.query_rows * spec.query_length + spec.document_rows * spec.document_length)
+    batch["packing"] = {"real_tokens": real, "computed_tokens": computed, "fallback": False}
+    return batch
+
+
+PACKED_KEYS = tuple(f"packed_{side}_{name}" for side in ("query", "document")
+                    for name in ("input_ids", "positions", "segments", "lengths"))
+PADDED_KEYS = tuple(f"{side}_{name}" for side in ("query", "passage", "negative")
+                    for name in ("input_ids", "attention_mask"))
+
+
+def step_arrays(host_batch: dict) -> dict[str, np.ndarray]:
+    """The arrays of a host batch that the train step takes (packed or padded layout)."""
+    keys = PACKED_KEYS if "packed_query_input_ids" in host_batch else PADDED_KEYS
+    return {k: host_batch[k] for k in keys if k in host_batch}
+
+
+def token_counts(host_batch: dict) -> tuple[int, int]:
+    """(real tokens, computed tokens) of a host batch, packed or padded."""
+    if "packing" in host_batch and not host_batch["packing"]["fallback"]:
+        return host_batch["packing"]["real_tokens"], host_batch["packing"]["computed_tokens"]
+    masks = [v for k, v in host_batch.items() if k.endswith("attention_mask")]
+    return sum(int(v.sum()) for v in masks), sum(int(v.size) for v in masks)
+
+
+def step_flops(cfg, host_batch: dict, process_count: int, num_chunks: int) -> float:
+    """Matmul FLOPs of one packed train step (all hosts) on the computed (packed) shapes: per row of L
+    tokens 2 L P_layers + 4 L^2 D L_layers forward (P_layers = L_layers (4 D^2 + 2 D F)); x3 for forward +
+    backward, x4 with gradient caching (metrics_log.step_flops for the padded layout)."""
+    d, f, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    p_layers = n_layers * (4 * d * d + 2 * d * f)
+    total = 0.0
+    for side in ("query", "document"):
+        rows, length = host_batch[f"packed_{side}_input_ids"].shape
+        total += rows * (2 * length * p_layers + 4 * n_layers * length * length * d)
+    return total * (3 if num_chunks == 1 else 4) * process_count
+
+
+def pack_padded(batch: dict, shards: int, num_chunks: int, pad_id: int = 0,
+                rows: tuple[int, int] | None = None, lengths: tuple[int, int] | None = None) -> dict:
+    """The packed layout (one host) of a padded batch (query_* [B, Tq], passage_* [B, Tp], negative_*
+    [B, K, Tp]): first fit of the real token counts into rows of `lengths` (L_q, L_d) tokens (default the
+    padded lengths; longer rows hold more texts); `rows` (R_q, R_d) default to the most any block needs."""
+    def texts(ids, mask):
+        return [list(r[:int(n)]) for r, n in zip(ids, mask.sum(axis=-1))]
+
+    queries = texts(batch["query_input_ids"], batch["query_attention_mask"])
+    passages = texts(batch["passage_input_ids"], batch["passage_attention_mask"])
+    documents = [[p] for p in passages]
+    if "negative_input_ids" in batch:
+        b, k, tp = batch["negative_input_ids"].shape
+        negs = texts(batch["negative_input_ids"].reshape(b * k, tp),
+                     batch["negative_attention_mask"].reshape(b * k, tp))
+        documents = [[p, *negs[i * k:(i + 1) * k]] for i, p in enumerate(passages)]
+    lq, ld = lengths or (batch["query_input_ids"].shape[-1], batch["passage_input_ids"].shape[-1])
+    q_len = np.fromiter(map(len, queries), np.int64, len(queries))
+    d_len = np.array([[len(t) for t in d] for d in documents], np.int64)
+    blocks = shards * num_chunks
+    rq, rows_q, off_q = first_fit(query_blocks(q_len, blocks), lq)
+    rd, rows_d, off_d = first_fit(document_blocks(d_len, blocks), ld)
+    rows = rows or (int(rq.max()), int(rd.max()))
+    spec = PackingSpec(shards, num_chunks, rows[0], lq, rows[1], ld)
+    return pack_host_batch(queries, documents, spec, 0, {"query": (rows_q, off_q), "document": (rows_d, off_d)},
+                           pad_id)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """One packed inference batch: `blocks` blocks of `rows_per_block` rows of `length` tokens; text
+    `texts[i]` (an input position) is in block `block[i]`, slot `slot[i]`, at (row[i], offset[i])."""
+
+    texts: np.ndarray  # int64 [n]
+    block: np.ndarray
+    slot: np.ndarray
+    row: np.ndarray  # row within its block
+    offset: np.ndarray
+    blocks: int
+    rows_per_block: int
+    length: int
+    num_slots: int  # static slots per block: min(rows x length / 2, max_texts)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def plan_packed_batches(lengths_n: np.ndarray, tokens_per_batch: int, bucket, blocks: int = 1,
+                        max_texts: int | None = None) -> list[PackedBatch]:
+    """Cut texts (token counts `lengths_n`) into packed batches of about `tokens_per_batch` tokens.
+
+    Texts go longest first. A batch's row length L = bucket(its longest text) (`bucket`: e.g.
+    `inference.bucket_length`); it has blocks x r rows, r = tokens_per_batch // (L x blocks) (at least 1);
+    texts fill them by first fit until one does not fit or the batch holds `max_texts` texts. A batch that
+    ends early (max_texts, or the last one) keeps r = the next power of two of the rows it uses per block,
+    so few shapes are compiled. Each text is in one row; a row holds at most L / 2 texts ([CLS] [SEP]).
+    """
+    lengths_n = np.asarray(lengths_n, np.int64)
+    order = np.argsort(-lengths_n, kind="stable")
+    out, i, n = [], 0, len(order)
+    while i < n:
+        length = int(bucket(int(lengths_n[order[i]])))
+        r_full = max(1, tokens_per_batch // (length * blocks))
+        free = np.full(r_full * blocks, length, np.int64)
+        rows, offsets, j, full = [], [], i, False
+        while j < n and (max_texts is None or j - i < max_texts):
+            size = int(lengths_n[order[j]])
+            r = int(np.argmax(free >= size))
+            if free[r] < size:
+                full = True
+                break
+            rows.append(r)
+            offsets.append(length - int(free[r]))
+            free[r] -= size
+            j += 1
+        used = int((free < length).sum())  # first fit opens rows in order: rows 0 .. used-1
+        r_block = r_full if full else min(r_full, _next_pow2(-(-used // blocks)))
+        rows_g = np.asarray(rows, np.int64)
+        block = rows_g // r_block
+        slot = np.zeros(len(rows_g), np.int64)
+        seen: dict[int, int] = {}
+        for t, blk in enumerate(block.tolist()):
+            slot[t] = seen.get(blk, 0)
+            seen[blk] = slot[t] + 1
+        slots = r_block * length // 2 if max_texts is None else min(r_block * length // 2, max_texts)
+        out.append(PackedBatch(order[i:j], block, slot, rows_g % r_block, np.asarray(offsets, np.int64), blocks,
+                               r_block, length, slots))
+        i = j
+    return out
+
+
+def pack_inference_batch(token_ids: Sequence[Sequence[int]], batch: PackedBatch, pad_id: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int32 ids / positions / segments [blocks x rows_per_block, length] of a `PackedBatch`."""
+    shape = (batch.blocks * batch.rows_per_block, batch.length)
+    ids, positions, segments = np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for t, blk, slot, row, off in zip(batch.texts, batch.block, batch.slot, batch.row, batch.offset):
+        seq = token_ids[t]
+        r, n = blk * batch.rows_per_block + row, len(seq)
+        ids[r, off:off + n] = seq
+        positions[r, off:off + n] = np.arange(n)
+        segments[r, off:off + n] = slot + 1
+    return ids, positions, segments
