@@ -254,40 +254,52 @@ class PackedBatch:
     num_slots: int  # static slots per block: min(rows x length / 2, max_texts)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
+def _round_rows(x: int) -> int:
+    """x rounded up to 8 steps per octave (1..8 exact, then multiples of 2, 4, ...): few shapes, < 1/8 waste."""
+    step = max(1, (1 << max(0, (int(x) - 1).bit_length())) // 8)
+    return -(-int(x) // step) * step
 
 
 def plan_packed_batches(lengths_n: np.ndarray, tokens_per_batch: int, bucket, blocks: int = 1,
                         max_texts: int | None = None) -> list[PackedBatch]:
     """Cut texts (token counts `lengths_n`) into packed batches of about `tokens_per_batch` tokens.
 
-    Texts go longest first. A batch's row length L = bucket(its longest text) (`bucket`: e.g.
-    `inference.bucket_length`); it has blocks x r rows, r = tokens_per_batch // (L x blocks) (at least 1);
-    texts fill them by first fit until one does not fit or the batch holds `max_texts` texts. A batch that
-    ends early (max_texts, or the last one) keeps r = the next power of two of the rows it uses per block,
-    so few shapes are compiled. Each text is in one row; a row holds at most L / 2 texts ([CLS] [SEP]).
+    Texts are sorted longest first. A batch's row length L = bucket(its longest text) (`bucket`: e.g.
+    `inference.bucket_length`); it has blocks x r rows, r = tokens_per_batch // (L x blocks) (at least 1).
+    Texts fill them by first fit from the long end until one does not fit, then from the short end into
+    the gaps left, until the shortest left does not fit or the batch holds `max_texts` texts. A batch that
+    ends early (max_texts, or the last one) keeps the rows it uses per block rounded up to 8 steps per
+    octave, so few shapes are compiled. Each text is in one row; a row holds at most L / 2 texts ([CLS] [SEP]).
     """
     lengths_n = np.asarray(lengths_n, np.int64)
     order = np.argsort(-lengths_n, kind="stable")
-    out, i, n = [], 0, len(order)
-    while i < n:
-        length = int(bucket(int(lengths_n[order[i]])))
+    out, lo, hi = [], 0, len(order)  # texts order[lo:hi] are left, longest first
+    while lo < hi:
+        length = int(bucket(int(lengths_n[order[lo]])))
         r_full = max(1, tokens_per_batch // (length * blocks))
         free = np.full(r_full * blocks, length, np.int64)
-        rows, offsets, j, full = [], [], i, False
-        while j < n and (max_texts is None or j - i < max_texts):
-            size = int(lengths_n[order[j]])
+        taken, rows, offsets, full = [], [], [], False
+
+        def place(i: int) -> bool:
+            size = int(lengths_n[order[i]])
             r = int(np.argmax(free >= size))
             if free[r] < size:
-                full = True
-                break
+                return False
+            taken.append(order[i])
             rows.append(r)
             offsets.append(length - int(free[r]))
             free[r] -= size
-            j += 1
+            return True
+
+        room = (lambda: len(taken) < max_texts) if max_texts else (lambda: True)
+        while lo < hi and room() and place(lo):
+            lo += 1
+        if lo < hi and room():  # the longest left does not fit: fill the gaps with the shortest
+            full = True
+            while lo < hi and room() and place(hi - 1):
+                hi -= 1
         used = int((free < length).sum())  # first fit opens rows in order: rows 0 .. used-1
-        r_block = r_full if full else min(r_full, _next_pow2(-(-used // blocks)))
+        r_block = r_full if full else min(r_full, _round_rows(-(-used // blocks)))
         rows_g = np.asarray(rows, np.int64)
         block = rows_g // r_block
         slot = np.zeros(len(rows_g), np.int64)
@@ -296,9 +308,8 @@ def plan_packed_batches(lengths_n: np.ndarray, tokens_per_batch: int, bucket, bl
             slot[t] = seen.get(blk, 0)
             seen[blk] = slot[t] + 1
         slots = r_block * length // 2 if max_texts is None else min(r_block * length // 2, max_texts)
-        out.append(PackedBatch(order[i:j], block, slot, rows_g % r_block, np.asarray(offsets, np.int64), blocks,
-                               r_block, length, slots))
-        i = j
+        out.append(PackedBatch(np.asarray(taken, np.int64), block, slot, rows_g % r_block,
+                               np.asarray(offsets, np.int64), blocks, r_block, length, slots))
     return out
 
 
