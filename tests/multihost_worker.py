@@ -6,7 +6,8 @@
 Every process joins the coordinator on 127.0.0.1:PORT, builds the mesh over all devices of all
 processes, passes only its own rows of the global batch (`host_local_to_global`), runs one train step and
 writes OUT_DIR/result_<PROCESS_ID>.npz: the loss, the grad norm, and the updated parameters and Adam's
-first moment (mu = (1 - b1) * clipped gradient after step 1), gathered in full with `process_allgather`.
+first moment (mu = (1 - b1) * clipped gradient after step 1), gathered in full with `process_allgather`;
+then the same step on packed rows, each process packing only its own rows (OUT_DIR/packed_<ID>.npz).
 
 `run(mesh)` is the same computation for any mesh; the test calls it in one process over 8 devices.
 """
@@ -23,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from piccolo_jax.model_config import ModelConfig
 from piccolo_jax.optim import OptimConfig, make_optimizer
+from piccolo_jax.packing import pack_padded, step_arrays
 from piccolo_jax.sharding import MeshConfig, batch_sharding, host_local_to_global, make_mesh
 from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
 
@@ -33,6 +35,8 @@ OPT = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.0
 LOSS = LossConfig(kind="gte", temperature=0.05, block_size=8, num_chunks=2)
 MESH = MeshConfig(data=4, fsdp=2, tensor=1, strategy="fsdp")  # 8 devices; parameters split over fsdp
 B, TQ, TP, K = 16, 8, 12, 2
+SHARDS = 8  # data x fsdp
+PACKED_LENGTHS = (2 * TQ, 2 * TP)  # packed rows hold several documents (3 per block of one query)
 # LLVM -O0 for the CPU executable: a third of the compile time; the HLO program is the jitted step's.
 FAST = {"xla_backend_optimization_level": 0}
 
@@ -62,13 +66,26 @@ def local_rows(mesh) -> slice:
     return slice(blocks[0][0], blocks[-1][1])
 
 
-def run(mesh) -> dict[str, np.ndarray]:
-    """One train step from a random init (key 0) on `mesh`; the digest as host arrays."""
+def packed_rows(batch: dict, shards: int) -> dict:
+    """This process's rows packed (`packing.pack_padded`, rows of twice the padded lengths) into the packed
+    shapes of the whole global batch, which every process derives from data they all hold."""
+    whole = pack_padded(make_batch(), SHARDS, LOSS.num_chunks, lengths=PACKED_LENGTHS)
+    blocks = SHARDS * LOSS.num_chunks
+    rows = tuple(whole[f"packed_{s}_input_ids"].shape[0] // blocks for s in ("query", "document"))
+    return step_arrays(pack_padded(batch, shards, LOSS.num_chunks, rows=rows, lengths=PACKED_LENGTHS))
+
+
+def run(mesh, packed: bool = False) -> dict[str, np.ndarray]:
+    """One train step from a random init (key 0) on `mesh`; the digest as host arrays. `packed`: each
+    process packs only its own rows (packing.pack_padded) and passes the packed layout."""
     optimizer = make_optimizer(OPT, total_steps=10)
     step = make_train_step(CFG, LOSS, optimizer, mesh, MESH.strategy)
     state = create_train_state(CFG, optimizer, mesh, MESH.strategy, jax.random.key(0))
     rows = local_rows(mesh)
-    batch = host_local_to_global({k: v[rows] for k, v in make_batch().items()}, mesh)
+    local = {k: v[rows] for k, v in make_batch().items()}
+    if packed:
+        local = packed_rows(local, SHARDS * (rows.stop - rows.start) // B)
+    batch = host_local_to_global(local, mesh)
     key = jax.random.key(7)
     state, metrics = step.lower(state, batch, key).compile(FAST)(state, batch, key)
 
@@ -91,8 +108,9 @@ def main(argv: list[str]) -> None:
                                process_id=process_id)
     assert jax.process_count() == num_processes and jax.process_index() == process_id
     assert jax.device_count() == 8, f"expected 8 devices over {num_processes} processes, got {jax.devices()}"
-    result = run(make_mesh(MESH, jax.devices()))
-    np.savez(f"{out_dir}/result_{process_id}.npz", **result)
+    mesh = make_mesh(MESH, jax.devices())
+    np.savez(f"{out_dir}/result_{process_id}.npz", **run(mesh))
+    np.savez(f"{out_dir}/packed_{process_id}.npz", **run(mesh, packed=True))
     jax.distributed.shutdown()
 
 

@@ -1,8 +1,9 @@
-"""Two processes x 4 CPU devices compute the train step of one process x 8 devices.
+"""Two processes x 4 CPU devices compute the train step of one process x 8 devices, padded and packed.
 
 The test starts two copies of `multihost_worker.py` joined by `jax.distributed` on 127.0.0.1 (gloo
-collectives between the processes); each passes only its own half of the global batch. The in-process
-8-device run of the same `run` is the reference (itself checked against one device in test_train_step).
+collectives between the processes); each passes only its own half of the global batch, padded and then
+packed by itself into shapes both derive alike. The in-process 8-device padded run of the same `run` is
+the reference of both (itself checked against one device in test_train_step).
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def test_two_processes_match_one_process(tmp_path):
                                  + (tmp_path / f"worker_{i}.log").read_text()[-20_000:])
     assert [p.returncode for p in procs] == [0, 0], "a worker failed; its output is above"
 
-    results = [dict(np.load(tmp_path / f"result_{i}.npz")) for i in range(2)]
-    # Each process passed its own half of the 16 rows.
-    assert [list(r.pop("rows")) for r in results] == [[0, 8], [8, 16]]
+    results = [dict(np.load(tmp_path / f"{kind}_{i}.npz")) for kind in ("result", "packed") for i in range(2)]
+    # Each process passed its own half of the 16 rows, padded and then packed (its rows only).
+    assert [list(r.pop("rows")) for r in results] == [[0, 8], [8, 16]] * 2
     assert list(expected.pop("rows")) == [0, 16]
     assert int(expected["step"]) == 1 and int(expected["skipped"]) == 0
     assert results[0].keys() == expected.keys() and len(expected) > 40
