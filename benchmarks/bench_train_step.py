@@ -11,11 +11,16 @@ also carries its non-finite guard. PyTorch: `transformers.BertModel` (default SD
 
 Reported: examples/s (one example = one pair = two sequences), the JAX/PyTorch ratio (> 1: JAX is
 faster), and the achieved matmul GFLOP/s against a 4096^3 float32 matmul timed in the same run with
-`jnp.dot` and `torch.mm`. On a GPU (jax.default_backend() == "gpu") the JAX step runs in bfloat16 and
-the table gives its MFU against the device's dense bf16 peak; PyTorch is compared when it sees CUDA.
+`jnp.dot` and `torch.mm`. On a GPU (jax.default_backend() == "gpu") the JAX step runs the configured
+pretrain workload in bfloat16 — 2,048 pairs x 128 tokens per step through 8 gradient-caching chunks,
+remat "full" — and the table gives its MFU against the device's dense bf16 peak (piccolo_jax.accelerators);
+PyTorch, when it sees CUDA, runs its plain step at one chunk's size (256 pairs: it has no gradient caching),
+compared per pair. JAX does not preallocate GPU memory here (XLA_PYTHON_CLIENT_PREALLOCATE=false), so that
+PyTorch can share the device.
 
     python benchmarks/bench_train_step.py           # small shape and BERT-base, T = 64, 16 pairs
     python benchmarks/bench_train_step.py --quick   # small shape only, fewer rounds
+    python benchmarks/bench_train_step.py --pairs 64 --chunks 4 --remat full --shapes small   # the GPU path's shape on CPU
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import sys
 
 if not __package__:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Before JAX starts: share the GPU with PyTorch instead of taking 75 % of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import numpy as np  # noqa: E402
 
@@ -66,7 +73,7 @@ def train_step_flops(shape: dict, length: int, pairs: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- JAX
-def jax_setup(cfg, params_np, batch_np, gpu: bool):
+def jax_setup(cfg, params_np, batch_np, gpu: bool, num_chunks: int = 1):
     import jax
 
     from piccolo_jax.optim import OptimConfig, make_optimizer
@@ -76,7 +83,7 @@ def jax_setup(cfg, params_np, batch_np, gpu: bool):
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=WEIGHT_DECAY,
                                            clip_norm=CLIP), total_steps=1_000)
-    loss_cfg = LossConfig(kind="in_batch", temperature=TEMPERATURE)
+    loss_cfg = LossConfig(kind="in_batch", temperature=TEMPERATURE, num_chunks=num_chunks)
     state = create_train_state(cfg, optimizer, mesh, "dp", jax.random.key(0), params=params_np)
     step = make_train_step(cfg, loss_cfg, optimizer, mesh, "dp")
     batch = host_local_to_global(batch_np, mesh)
@@ -124,7 +131,7 @@ def torch_setup(hf_model, batch_np, dropout: float, device: str, bf16: bool):
     return run
 
 
-def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device):
+def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device, num_chunks=1, remat="none"):
     import jax
 
     from piccolo_jax.model_config import ModelConfig
@@ -141,22 +148,25 @@ def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device):
         hf_cfg = transformers.BertConfig(**shape, hidden_act="gelu", hidden_dropout_prob=dropout,
                                          attention_probs_dropout_prob=dropout)
         hf_model = transformers.BertModel(hf_cfg)
-        cfg = ModelConfig.from_hf_dict(hf_cfg.to_dict(), compute_dtype="bfloat16" if gpu else "float32")
+        cfg = ModelConfig.from_hf_dict(hf_cfg.to_dict(), compute_dtype="bfloat16" if gpu else "float32",
+                                       remat=remat)
         params, _ = hf_to_params({k: v.detach().numpy() for k, v in hf_model.state_dict().items()}, cfg)
     except ImportError:  # JAX only (e.g. a GPU machine without PyTorch): random weights
         from piccolo_jax.model import init_params
 
         cfg = ModelConfig(**shape, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-                          compute_dtype="bfloat16" if gpu else "float32")
+                          compute_dtype="bfloat16" if gpu else "float32", remat=remat)
         params = jax.device_get(init_params(cfg, jax.random.key(0)))
         torch_device = None
     batch = make_pairs(cfg.vocab_size, pairs, length)
 
-    fns = {"jax": jax_setup(cfg, params, batch, gpu)}
+    fns = {"jax": jax_setup(cfg, params, batch, gpu, num_chunks)}
+    torch_pairs = pairs // num_chunks  # PyTorch has no gradient caching: its step is one chunk's pairs
     if torch_device:
-        fns["torch"] = torch_setup(hf_model, batch, dropout, torch_device, bf16=gpu)
+        fns["torch"] = torch_setup(hf_model, {k: v[:torch_pairs] for k, v in batch.items()}, dropout, torch_device,
+                                   bf16=gpu)
     first = {k: float(fn()["loss"]) for k, fn in fns.items()}  # compile / warm up; same loss without dropout
-    if "torch" in first and dropout == 0 and not gpu and abs(first["jax"] - first["torch"]) > 1e-3 * max(
+    if "torch" in first and dropout == 0 and not gpu and num_chunks == 1 and abs(first["jax"] - first["torch"]) > 1e-3 * max(
             1.0, abs(first["torch"])):
         raise AssertionError(f"{name}: first-step losses differ: {first}")
     times = common.interleaved({k: (lambda f=fn: common.timeit(f)) for k, fn in fns.items()}, reps=reps, warmup=1)
@@ -165,11 +175,14 @@ def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device):
     n_params = sum(x.size for x in jax.tree.leaves(params))
     row = {"name": name, "params": n_params, "T": length, "pairs": pairs,
            "jax_ex_s": pairs / tj, "jax_gf": flops / tj / 1e9, "loss": first, "spread_j": common.spread(times["jax"])}
+    if num_chunks > 1:  # gradient caching runs the forward of every chunk twice: 4 forwards, not 3
+        row["jax_gf"] *= 4 / 3
     if "torch" in times:
-        tt = common.median(times["torch"])
+        tt = common.median(times["torch"]) * pairs / torch_pairs  # per pair, at one chunk's batch
         row.update(torch_ex_s=pairs / tt, torch_gf=flops / tt / 1e9, ratio=tt / tj,
-                   best=min(times["torch"]) / min(times["jax"]),
-                   paired=common.paired_ratio(times["jax"], times["torch"]), spread_t=common.spread(times["torch"]))
+                   best=min(times["torch"]) * pairs / torch_pairs / min(times["jax"]),
+                   paired=common.paired_ratio(times["jax"], [t * pairs / torch_pairs for t in times["torch"]]),
+                   spread_t=common.spread(times["torch"]))
     return row
 
 
@@ -177,8 +190,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shape only, 3 rounds")
     ap.add_argument("--shapes", default=None, help="comma list of: small, bert-base (default both)")
-    ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default 16 on CPU, 128 on GPU)")
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default 16 on CPU, 2048 on GPU)")
+    ap.add_argument("--length", dest="length", type=int, default=None, help="tokens per text (64 CPU, 128 GPU)")
+    ap.add_argument("--chunks", type=int, default=None, help="gradient-caching chunks (default 1 CPU, 8 GPU)")
+    ap.add_argument("--remat", default=None, help='remat policy (default "none" on CPU, "full" on GPU)')
     ap.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (0.1 as BERT)")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; quick 3)")
     ap.add_argument("--no-torch", action="store_true", help="JAX only")
@@ -191,7 +206,10 @@ def main(argv=None):
     except ImportError:
         torch = None
     gpu = jax.default_backend() == "gpu"
-    pairs = args.pairs or (128 if gpu else 16)
+    pairs = args.pairs or (2048 if gpu else 16)
+    args.length = args.length or (128 if gpu else 64)
+    chunks = args.chunks or (8 if gpu else 1)
+    remat = args.remat or ("full" if gpu else "none")
     reps = args.reps or (3 if args.quick else 5)
     shapes = (args.shapes or ("small" if args.quick else "small,bert-base")).split(",")
     torch_device = None
@@ -199,13 +217,13 @@ def main(argv=None):
         torch_device = "cuda" if gpu and torch.cuda.is_available() else (None if gpu else "cpu")
 
     print(common.environment_line())
-    print(f"T={args.length}, {pairs} pairs ({2 * pairs} sequences) per step, dropout {args.dropout}, "
-          f"{'bfloat16' if gpu else 'float32'} compute, {reps} interleaved rounds (medians)")
+    print(f"T={args.length}, {pairs} pairs ({2 * pairs} sequences) per step in {chunks} chunk(s), remat {remat}, "
+          f"dropout {args.dropout}, {'bfloat16' if gpu else 'float32'} compute, {reps} interleaved rounds (medians)")
     if common.load_warning():
         print(common.load_warning())
     rows = []
     for name in shapes:
-        rows.append(bench_shape(name, args.length, pairs, args.dropout, reps, gpu, torch_device))
+        rows.append(bench_shape(name, args.length, pairs, args.dropout, reps, gpu, torch_device, chunks, remat))
         print(f"  done {name}: first-step loss {rows[-1]['loss']}", flush=True)
 
     if gpu:
