@@ -15,11 +15,11 @@ row). The token at row r, column u carries three int32 arrays: its token id, its
 [blocks of this host x R, L] in block order, plus the token counts of its texts ([b] queries, [b, 1 + K]
 documents), which also give B and K to the train step.
 
-Shapes are static: R is one number per side for the whole run (`estimate_rows`: the most rows any block
-of the first batches needs, plus 5 %). Every host decides, without talking, whether a batch fits: it
-packs *upper bounds* of every text's token count (from characters, `tokenization.char_token_bounds`,
-known for all rows on every host) with first-fit decreasing, for all blocks of the global batch. A batch
-whose bounds need more than R rows in any block falls back to the padded layout (the same results; one
+Shapes are static: R is one number per side for the whole run (`Loader.enable_packing`: the most rows
+any block of the first batches needs, plus 5 %). Every host decides, without talking, whether a batch
+fits: it packs *upper bounds* of every text's token count (from its characters,
+`tokenization.char_token_bounds`; every host reads the texts of all rows) with first-fit decreasing, for
+all blocks of the global batch. A batch whose bounds need more than R rows in any block falls back to the padded layout (the same results; one
 more compiled program, counted in the log). Each host then packs its own blocks with the real token
 counts, and where first-fit on those would need more rows than the bounds' layout (first-fit is not
 monotone), it writes the tokens at the bounds' layout, which fits by construction.
@@ -39,7 +39,7 @@ import numpy as np
 
 HEADROOM = 0.05  # rows above the most seen in the sampled batches
 SAMPLE_STEPS = 64  # batches sampled to size R
-SAMPLE_TEXTS = 2_000_000  # at most this many texts sampled (large global batches: fewer steps)
+SAMPLE_TEXTS = 500_000  # at most this many texts sampled (large global batches: fewer steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,3 +325,19 @@ def pack_inference_batch(token_ids: Sequence[Sequence[int]], batch: PackedBatch,
         positions[r, off:off + n] = np.arange(n)
         segments[r, off:off + n] = slot + 1
     return ids, positions, segments
+
+
+def abstract_batch(mesh, spec: PackingSpec, global_batch: int, num_negatives: int = 0) -> dict:
+    """ShapeDtypeStructs of a packed global batch (rows split over the data devices), for compiling the
+    train step before any data exists (`memory.compile_train_step`)."""
+    import jax
+
+    from piccolo_jax.sharding import batch_sharding
+
+    blocks = spec.shards * spec.num_chunks
+    shapes = {"packed_query_lengths": (global_batch,), "packed_document_lengths": (global_batch, 1 + num_negatives)}
+    for side, rows, length in (("query", spec.query_rows, spec.query_length),
+                               ("document", spec.document_rows, spec.document_length)):
+        for name in ("input_ids", "positions", "segments"):
+            shapes[f"packed_{side}_{name}"] = (blocks * rows, length)
+    return {k: jax.ShapeDtypeStruct(s, np.int32, sharding=batch_sharding(mesh, len(s))) for k, s in shapes.items()}

@@ -10,10 +10,12 @@ All hosts pad a global batch to the same lengths T without talking to each other
 per-record character bounds of ALL B rows (arrays every host holds), rounded up to `pad_multiple` and
 capped at the max length; each host then tokenises only its own rows.
 
-With packing (`DataConfig.packing`, shapes from `packing.PackingSpec`) the same per-text bounds decide,
-again on every host alike, whether the batch fits the packed shapes (`packed_layout`); if it does, each
-host packs its own blocks (`packing.pack_host_batch`), else it pads the batch as above (a fallback the
-loader counts).
+With packing (`DataConfig.packing`, shapes from `packing.PackingSpec`) every host reads the texts of all
+B rows (not only its own: a record's stored bound covers its longest passage, too loose to pack by) and
+bounds each text from its characters; those bounds decide, on every host alike, whether the batch fits
+the packed shapes (`packed_layout`). If it does, each host tokenises and packs its own blocks
+(`packing.pack_host_batch`), else it pads the batch as above (a fallback the loader counts). Reading all
+rows costs a multi-host run (hosts - 1) x B / hosts more record reads per step, no more tokenising.
 """
 
 from __future__ import annotations
@@ -108,9 +110,8 @@ def global_lengths(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: 
             padded_length(int(d.max()), cfg.passage_max_length, cfg.pad_multiple))
 
 
-def host_token_ids(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer, rows: np.ndarray
-                   ) -> tuple[list, list, list]:
-    """Token ids of the rows `rows` of the batch: queries [b], positives [b], negatives [b K] (row-major)."""
+def batch_texts(plan: BatchPlan, source: Source, cfg: DataConfig, rows: np.ndarray) -> tuple[list, list, list]:
+    """The prefixed texts of rows `rows` of the batch: queries [b], positives [b], negatives [b K] (row-major)."""
     query_prefix, passage_prefix = cfg.prefixes(source.name)
     records = source.records(rows)
     k, name = cfg.num_negatives, source.name
@@ -131,15 +132,29 @@ def host_token_ids(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: 
             else:
                 slots = negative_slots(cfg.seed, name, plan.epoch, rid, len(r.negatives), k)
                 negatives += [passage_prefix + r.negatives[s] for s in slots]
-    return (tokenizer.token_ids(queries, cfg.query_max_length), tokenizer.token_ids(passages, cfg.passage_max_length),
-            tokenizer.token_ids(negatives, cfg.passage_max_length) if k else [])
+    return queries, passages, negatives
 
 
-def packed_layout(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer, spec: PackingSpec
-                  ) -> dict | None:
-    """The bounds' first-fit layout of every block of the global batch ({"query": (rows, offsets),
+def packing_bounds(texts: tuple[list, list, list], cfg: DataConfig, tokenizer: Tokenizer
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Token-count upper bounds of the texts of a whole batch (`batch_texts` of all its rows), per text:
+    queries [B], documents [B, 1 + K]; [CLS] / [SEP] included, capped at the max lengths (the max
+    lengths themselves when the tokenizer's bound is not proven)."""
+    queries, passages, negatives = texts
+    b, k = len(queries), cfg.num_negatives
+    qmax, pmax = cfg.query_max_length, cfg.passage_max_length
+    if not tokenizer.char_bound_holds:
+        return np.full(b, qmax, np.int64), np.full((b, 1 + k), pmax, np.int64)
+    extra = tokenizer.num_special
+    q = np.minimum(char_token_bounds(queries) + extra, qmax)
+    d = np.minimum(char_token_bounds(passages + negatives) + extra, pmax)
+    return q, np.concatenate([d[:b, None], d[b:].reshape(b, k)], axis=1)
+
+
+def packed_layout(bounds: tuple[np.ndarray, np.ndarray], spec: PackingSpec) -> dict | None:
+    """The first-fit layout of the bounds of every block of the global batch ({"query": (rows, offsets),
     "document": ...}), or None when some block needs more rows than `spec` has (identical on every host)."""
-    q, d = text_bounds(plan, source, cfg, tokenizer)
+    q, d = bounds
     blocks = spec.shards * spec.num_chunks
     rq, rows_q, off_q = first_fit(query_blocks(q, blocks), spec.query_length)
     rd, rows_d, off_d = first_fit(document_blocks(d, blocks), spec.document_length)
@@ -160,11 +175,19 @@ def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer
     """
     b = len(plan.record_ids) // process_count
     rows = plan.record_ids[process_index * b:(process_index + 1) * b]
-    queries, passages, negatives = host_token_ids(plan, source, cfg, tokenizer, rows)
-    k = cfg.num_negatives
+    k, layout = cfg.num_negatives, None
+    if packing is None:
+        texts = batch_texts(plan, source, cfg, rows)
+    else:  # every host bounds every text of the batch (reading all its records), then takes its own
+        everything = batch_texts(plan, source, cfg, plan.record_ids)
+        layout = packed_layout(packing_bounds(everything, cfg, tokenizer), packing)
+        lo, hi = process_index * b, (process_index + 1) * b
+        texts = (everything[0][lo:hi], everything[1][lo:hi], everything[2][lo * k:hi * k])
+    queries = tokenizer.token_ids(texts[0], cfg.query_max_length)
+    passages = tokenizer.token_ids(texts[1], cfg.passage_max_length)
+    negatives = tokenizer.token_ids(texts[2], cfg.passage_max_length) if k else []
     info = {"record_index": rows.astype(np.int32), "step": plan.step, "dataset_index": plan.dataset,
             "dataset_name": source.name}
-    layout = None if packing is None else packed_layout(plan, source, cfg, tokenizer, packing)
     if layout is not None:
         documents = [[p, *negatives[i * k:(i + 1) * k]] for i, p in enumerate(passages)]
         blocks_per_host = packing.shards * packing.num_chunks // process_count

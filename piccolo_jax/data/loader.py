@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from piccolo_jax import packing
-from piccolo_jax.data.batching import build_host_batch, text_bounds
+from piccolo_jax.data.batching import batch_texts, build_host_batch, packing_bounds
 from piccolo_jax.data.config import DataConfig
 from piccolo_jax.data.sampler import Sampler
 from piccolo_jax.data.sources import Source, open_sources
@@ -101,7 +101,7 @@ class Loader:
         piccolo_jax.packing); only before the first batch. Returns the log line of the packed shapes.
 
         The rows per block are the most that the token bounds of any block of the first batches of the run
-        need (at most 64 batches, 2 M texts), plus 5 %: the same on every host and at every resume.
+        need (at most 64 batches, 500,000 texts read), plus 5 %: the same on every host and at every resume.
         """
         if self._pending or self._state != self._planned or self._handed_out:
             raise RuntimeError("Loader.enable_packing must come before the first batch")
@@ -113,7 +113,8 @@ class Loader:
         state, rq, rd = self.sampler.initial_state(), 1, 1
         for _ in range(max(1, min(packing.SAMPLE_STEPS, packing.SAMPLE_TEXTS // (b * (2 + k))))):
             plan, state = self.sampler.plan(state)
-            q, d = text_bounds(plan, self.sources[plan.dataset], cfg, self.tokenizer)
+            texts = batch_texts(plan, self.sources[plan.dataset], cfg, plan.record_ids)
+            q, d = packing_bounds(texts, cfg, self.tokenizer)
             need_q, need_d = packing.rows_needed(q, d, blocks, cfg.query_max_length, cfg.passage_max_length)
             rq, rd = max(rq, need_q), max(rd, need_d)
         m = b // blocks
