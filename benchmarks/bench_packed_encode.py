@@ -67,8 +67,8 @@ def main(argv=None) -> None:
     lengths = np.array([len(t) for t in enc.tokenizer.token_ids(texts, enc.max_length)])
     print(common.environment_line())
     print(f"model {os.path.basename(args.model.rstrip('/'))}, max_length {enc.max_length}; {args.n} texts, "
-          f"{lengths.min()}..{lengths.max()} tokens (mean {lengths.mean():.0f}, {100 * np.mean(lengths == enc.max_length):.0f}% "
-          "truncated)")
+          f"{lengths.min()}..{lengths.max()} tokens (mean {lengths.mean():.0f}, "
+          f"{100 * np.mean(lengths == enc.max_length):.0f}% truncated)")
     sides = {
         "ours default": lambda: enc.encode(texts),
         "ours batch_size=32": lambda: enc.encode(texts, batch_size=32),

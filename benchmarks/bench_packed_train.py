@@ -78,7 +78,8 @@ def jax_side(cfg, params, kind: str, chunks: int):
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=WEIGHT_DECAY,
                                            clip_norm=CLIP), total_steps=1_000)
-    step = make_train_step(cfg, LossConfig(kind=kind, temperature=TEMPERATURE, num_chunks=chunks), optimizer, mesh, "dp")
+    loss_cfg = LossConfig(kind=kind, temperature=TEMPERATURE, num_chunks=chunks)
+    step = make_train_step(cfg, loss_cfg, optimizer, mesh, "dp")
     holder = {"state": create_train_state(cfg, optimizer, mesh, "dp", jax.random.key(0), params=params), "i": 0}
 
     def run(batch) -> tuple[float, float]:
@@ -164,7 +165,7 @@ def pretrain_case(args, tmp: Path) -> list:
     padded, _ = loader_batches(path, tok, n, False, chunks, **data)
     print(line)
     cfg, params, _ = load_hf_model(model_dir)
-    sides = {"ours packed": jax_side(cfg, params, "in_batch", chunks), "ours padded": jax_side(cfg, params, "in_batch", chunks)}
+    sides = {name: jax_side(cfg, params, "in_batch", chunks) for name in ("ours packed", "ours padded")}
     batches = {"ours packed": packed, "ours padded": padded}
     if not args.no_st:
         st_run, features = st_side(model_dir, length, b // chunks)
@@ -196,7 +197,8 @@ def finetune_case(args, tmp: Path) -> list:
     print(line)
     cfg, params, _ = load_hf_model(model_dir)
     sides = {"ours packed": jax_side(cfg, params, "gte", chunks), "ours padded": jax_side(cfg, params, "gte", chunks)}
-    eff = {k: np.mean([tokens_of(x)[0] / tokens_of(x)[1] for x in v]) for k, v in (("packed", packed), ("padded", padded))}
+    eff = {k: np.mean([tokens_of(x)[0] / tokens_of(x)[1] for x in v])
+           for k, v in (("packed", packed), ("padded", padded))}
     print(f"finetune case: {b} queries x (1 + {k}) passages / step, {chunks} chunks, query 64 / passage 512; computed "
           f"tokens real: packed {100 * eff['packed']:.0f}%, padded {100 * eff['padded']:.0f}%")
     times = timed_rounds(sides, {"ours packed": packed, "ours padded": padded}, args.rounds)

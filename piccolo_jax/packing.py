@@ -19,8 +19,8 @@ Shapes are static: R is one number per side for the whole run (`Loader.enable_pa
 any block of the first batches needs, plus 5 %). Every host decides, without talking, whether a batch
 fits: it packs *upper bounds* of every text's token count (from its characters,
 `tokenization.char_token_bounds`; every host reads the texts of all rows) with first-fit decreasing, for
-all blocks of the global batch. A batch whose bounds need more than R rows in any block falls back to the padded layout (the same results; one
-more compiled program, counted in the log). Each host then packs its own blocks with the real token
+all blocks of the global batch. A batch whose bounds need more than R rows in any block falls back to the
+padded layout (the same results; one more compiled program, counted in the log). Each host then packs its own blocks with the real token
 counts, and where first-fit on those would need more rows than the bounds' layout (first-fit is not
 monotone), it writes the tokens at the bounds' layout, which fits by construction.
 
