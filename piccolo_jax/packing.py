@@ -20,9 +20,10 @@ any block of the first batches needs, plus 5 %). Every host decides, without tal
 fits: it packs *upper bounds* of every text's token count (from its characters,
 `tokenization.char_token_bounds`; every host reads the texts of all rows) with first-fit decreasing, for
 all blocks of the global batch. A batch whose bounds need more than R rows in any block falls back to the
-padded layout (the same results; one more compiled program, counted in the log). Each host then packs its own blocks with the real token
-counts, and where first-fit on those would need more rows than the bounds' layout (first-fit is not
-monotone), it writes the tokens at the bounds' layout, which fits by construction.
+padded layout (the same results; one more compiled program, counted in the log). Each host then packs
+its own blocks with the real token counts, and where first-fit on those would need more rows than the
+bounds' layout (first-fit is not monotone), it writes the tokens at the bounds' layout, which fits by
+construction.
 
 First-fit decreasing (Johnson 1973) uses at most 11/9 OPT + 1 rows; real tokens / computed tokens is the
 *packing efficiency* the trainer logs (padding to one length per global batch at piccolo's 32,768 pairs
