@@ -1,7 +1,9 @@
 """The trainer's configuration: typed frozen dataclasses, TOML files, type-checked `--set a.b=v` overrides.
 
 A config file is TOML with one table per section (`[model]`, `[data]`, `[loss]`, `[optim]`,
-`[parallel]`, `[run]`) plus optional stage overlays (`[pretrain.data]`, `[finetune.loss]`, ...) that
+`[parallel]`, `[run]`), an optional `base = "other.toml"` (that file is read first, its tables and
+overlays deep-merged under this file's: a tiny variant of a recipe keeps every choice it does not
+shrink; paths in each file stay relative to that file), plus optional stage overlays (`[pretrain.data]`, `[finetune.loss]`, ...) that
 apply only to that stage; `--set pretrain.optim.lr=1e-4` is the same overlay on the command line. Unknown
 sections or keys, and values of the wrong type, are refused with the file and key named, before anything
 is compiled, in the overlays of both stages (a typo in the stage not being run is still a typo).
@@ -97,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"stage={self.stage!r}; expected one of {STAGES}")
         if self.loss.kind == "hard_negative" and self.data.num_negatives == 0:
             raise ValueError("loss.kind='hard_negative' needs data.num_negatives >= 1")
+        width = self.model.embedding_dim
+        too_wide = [d for d in self.loss.matryoshka_dims if d > width]
+        if too_wide:
+            raise ValueError(f"loss.matryoshka_dims {too_wide} exceed the embedding width {width} "
+                             "(model.dense_out_features, else model.hidden_size)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,7 +141,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
             if len(args) == len(value):
-                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+                return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     elif origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(typ):
             try:
@@ -239,6 +246,48 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+BASE_KEY = "base"  # a config file's parent: read first, this file's values merged over it
+
+
+def _merge(under: dict, over: dict) -> dict:
+    """`over` deep-merged onto `under` (tables merge key by key; any other value replaces)."""
+    out = dict(under)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as one tree: its `base` chain merged (each file's paths made absolute against its own
+    directory, stage overlays included), the file itself last."""
+    try:
+        tree = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: config file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    here = path.resolve().parent
+    tree = _resolve_paths(tree, here)
+    for name in STAGES:
+        if isinstance(tree.get(name), dict):
+            tree[name] = _resolve_paths(tree[name], here)
+    base = tree.pop(BASE_KEY, None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY} must be the path of another config file, got {base!r}")
+    base_path = (here / base).resolve()
+    if base_path in chain + (path.resolve(),):
+        raise ConfigError(f"{path}: {BASE_KEY} = {base!r} makes a cycle ({' -> '.join(map(str, chain))})")
+    try:
+        parent = _read_tree(base_path, chain + (path.resolve(),))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {BASE_KEY} = {base!r}: {e}") from None
+    return _merge(parent, tree)
+
+
 def load_config(path: str | Path | None, stage: str, overrides: list[str] = (),
                 base_dir: str | Path | None = None) -> TrainConfig:
     """Defaults <- file (shared tables, then the stage's overlay) <- `--set` overrides, all type-checked.
@@ -251,22 +300,14 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] = (),
     cfg = TrainConfig(stage=stage)
     if path is not None:
         path = Path(path)
-        try:
-            tree = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: config file not found") from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read the config file: {e}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from e
-        here = path.resolve().parent
-        cfg = _apply(cfg, _resolve_paths(tree, here), str(path))
+        tree = _read_tree(path)  # paths already absolute (each against its own file)
+        cfg = _apply(cfg, tree, str(path))
         for name in STAGES:
             overlay = tree.get(name, {})
             if not isinstance(overlay, dict):
                 raise ConfigError(f"{path}: [{name}] must be a table")
             if name == stage:
-                cfg = _apply(cfg, _resolve_paths(overlay, here), f"{path} [{name}]")
+                cfg = _apply(cfg, overlay, f"{path} [{name}]")
             else:
                 _check_overlay(overlay, f"{path} [{name}]")
         cfg = dataclasses.replace(cfg, stage=stage)

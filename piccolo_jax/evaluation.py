@@ -15,6 +15,10 @@ Metrics (values in [0, 1]; tables print them x 100 as C-MTEB does):
 
 Instructions: with `instructions=True` (piccolo) queries are encoded with kind "query" ("查询: ") and
 corpus / candidate passages with kind "passage" ("结果: "); STS texts never get a prefix.
+
+Matryoshka (`evaluate_task_at_dims`): every text of a task is encoded once at full width, and the metrics
+are computed again on the first d coordinates, renormalised, for each d (`inference.truncate_embeddings`,
+what `Encoder.encode(..., dim=d)` returns).
 """
 
 from __future__ import annotations
@@ -225,6 +229,43 @@ def evaluate_reranking(encoder: TextEncoder, task: RerankingTask, *, instruction
     return reranking_metrics(scores, labels)
 
 
+class _EncodeOnce:
+    """An encoder view that encodes each (texts, kind) once at full width and answers `encode(..., dim=d)`
+    from that (truncated and renormalised): one encoding per task for every Matryoshka dimension."""
+
+    def __init__(self, encoder: TextEncoder):
+        self.encoder, self.cache = encoder, {}
+
+    def at(self, dim: int | None) -> TextEncoder:
+        view = self
+
+        class _At:
+            def encode(self, texts, kind=None, **kwargs):
+                return view.encode(texts, kind, dim=dim, **kwargs)
+        return _At()
+
+    def encode(self, texts, kind=None, dim=None, **kwargs):
+        from piccolo_jax.inference import truncate_embeddings
+
+        key = (kind, tuple(texts))
+        if key not in self.cache:
+            self.cache[key] = np.asarray(self.encoder.encode(list(texts), kind=kind, **kwargs), np.float32)
+        full = self.cache[key]
+        return full if dim is None else truncate_embeddings(full, dim)
+
+
+def evaluate_task_at_dims(encoder: TextEncoder, kind: str, task, dims, *, instructions: bool = True,
+                          top_k: int = 100, mesh=None, **encode_kwargs) -> tuple[dict, dict[int, dict]]:
+    """(metrics at full width, {d: metrics on the first d coordinates, renormalised}) of a loaded task,
+    each text encoded once (module doc)."""
+    once = _EncodeOnce(encoder)
+    full = evaluate_task(once.at(None), kind, task, instructions=instructions, top_k=top_k, mesh=mesh,
+                         **encode_kwargs)
+    by_dim = {int(d): evaluate_task(once.at(int(d)), kind, task, instructions=instructions, top_k=top_k,
+                                    mesh=mesh, **encode_kwargs) for d in dims}
+    return full, by_dim
+
+
 def load_task(path: str | os.PathLike) -> tuple[str, RetrievalTask | STSTask | RerankingTask]:
     """(task type, task) of the task at `path`; bad files raise ValueError naming the file and line."""
     kind = detect_task(path)
@@ -263,8 +304,11 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
         metrics = [m for m in next(iter(rows.values()))["metrics"] if isinstance(
             next(iter(rows.values()))["metrics"][m], float)]
         width = max(len(n) for n in (*rows, kind)) + 4
+        width = max([width, *(len(f"{n} @{d}") + 4 for n, r in rows.items() for d in r.get("dims", {}))])
         lines.append(f"{'[' + kind + ']':<{width}}" + "".join(f"{m:>14}" for m in metrics))
         for name, r in rows.items():
             lines.append(f"{name:<{width}}" + "".join(f"{100 * r['metrics'][m]:>14.2f}" for m in metrics))
+            for d, by_dim in r.get("dims", {}).items():  # Matryoshka rows: the first d coordinates
+                lines.append(f"{f'{name} @{d}':<{width}}" + "".join(f"{100 * by_dim[m]:>14.2f}" for m in metrics))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

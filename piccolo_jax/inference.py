@@ -17,7 +17,9 @@ How a call to `Encoder.encode` spends its compute:
    replicated, or sharded with strategy "fsdp"); results come back to the host two batches late, so
    tokenising the next batch overlaps the device work.
 
-`Encoder(..., packing=False)` pads instead (one text per row, rows padded to their bucket; the same
+`Encoder.encode(texts, dim=d)` returns Matryoshka embeddings: the first d coordinates, L2-normalised
+again (for a model trained with Matryoshka losses at d; the same as truncating the raw vector and
+normalising). `Encoder(..., packing=False)` pads instead (one text per row, rows padded to their bucket; the same
 embeddings). `embed` is the array-level function (token ids -> embeddings) for use inside other JAX
 programs. The Encoder drives the devices of one process (single-host); it does not split texts across
 hosts.
@@ -56,6 +58,17 @@ CHUNK_TEXTS = 1 << 16  # texts tokenised, sorted and bucketed at a time (bounds 
 
 
 # ------------------------------------------------------------------------------------ array-level function
+def truncate_embeddings(e_nd: np.ndarray, dim: int, normalize: bool = True) -> np.ndarray:
+    """Matryoshka prefix of float32 embeddings [N, D]: e[:, :dim], renormalised when `normalize`
+    (x / max(||x||, 1e-12), the norm in float64 then rounded, as sentence-transformers' truncate_dim +
+    normalize_embeddings up to float32 rounding)."""
+    head = np.ascontiguousarray(e_nd[..., :dim], dtype=np.float32)
+    if not normalize:
+        return head
+    norm = np.linalg.norm(head.astype(np.float64), axis=-1, keepdims=True)
+    return (head / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
 def embed(cfg: ModelConfig, params: Any, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,
           normalize: bool = True) -> jax.Array:
     """Pure, jittable: token ids [B, T] + mask [B, T] -> float32 sentence embeddings [B, D].
@@ -196,8 +209,8 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        """Embedding width D."""
-        return self.cfg.hidden_size
+        """Embedding width: the Dense head's output size, else the hidden size D."""
+        return self.cfg.embedding_dim
 
     def embed_fn(self, normalize: bool = True) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
         """Compiled `(params, input_ids_bt, attention_mask_bt) -> embeddings_bd`, batch sharded.
@@ -238,7 +251,7 @@ class Encoder:
 
     def encode(self, texts: str | Sequence[str], kind: str | None = None, *, batch_size: int | None = None,
                max_length: int | None = None, normalize: bool = True, show_progress: bool | str = False,
-               tokens_per_batch: int | None = None) -> np.ndarray:
+               tokens_per_batch: int | None = None, dim: int | None = None) -> np.ndarray:
         """Embed `texts`: float32 numpy [N, D] in input order ([D] for a single string).
 
         kind: "query" prefixes piccolo's "查询: ", "passage" prefixes "结果: ", None adds nothing.
@@ -247,6 +260,8 @@ class Encoder:
             batch shard on CPU, 16,384 on GPU / TPU (or the Encoder's `tokens_per_batch`).
         normalize: L2-normalise (False returns the raw pooled vector even if the model normalises).
         show_progress: a progress bar; a string labels it (e.g. "encode corpus").
+        dim: Matryoshka truncation: the first `dim` coordinates (1 <= dim <= `self.dim`), renormalised when
+            `normalize` (x[:dim] / max(||x[:dim]||, 1e-12)); [N, dim].
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
@@ -257,6 +272,9 @@ class Encoder:
         max_length = _check_max_length(max_length or self.max_length, self.cfg)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer))
+                                or not 1 <= dim <= self.dim):
+            raise ValueError(f"dim={dim!r} must be an int in [1, {self.dim}] (the embedding width)")
         budget = tokens_per_batch or self.tokens_per_batch or self.default_tokens_per_batch
         if budget < 1:
             raise ValueError(f"tokens_per_batch={budget} must be positive")
@@ -277,6 +295,8 @@ class Encoder:
                 out_nd[start + batch.rows] = e_bd[:len(batch.rows)]
                 progress.update(len(batch.rows))
         progress.close()
+        if dim is not None:
+            out_nd = truncate_embeddings(out_nd, int(dim), normalize)
         return out_nd[0] if single else out_nd
 
     def _run(self, fn, token_ids, batches: list, normalize: bool) -> Iterator[tuple[Any, np.ndarray]]:

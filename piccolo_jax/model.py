@@ -26,6 +26,11 @@ Two layouts of the same computation:
 Every token computes what it computes in the padded layout (the same position embedding, the same keys in
 attention, the same dropout masks: `piccolo_jax.dropout`), so the two agree to float32 rounding.
 
+The sentence embedding is pool -> optional Dense head -> L2 normalisation (`sentence_head`): with
+`dense_out_features` = E > 0 a Dense(D -> E) with bias and identity activation (piccolo v2's scaling
+layer, sentence-transformers' `Dense` module) maps the pooled [.., D] vector to [.., E] in float32
+(kernel logical axes ("embed", "dense_out"): split over "fsdp" on D under strategy fsdp, else replicated).
+
 The module is driven functionally: `abstract_model` gives the graph definition and abstract parameters
 once, parameters live as a plain nested dict of arrays, and `encode` merges them back in a pure function.
 """
@@ -253,6 +258,9 @@ class BertEncoder(nnx.Module):
         if cfg.add_pooler:
             self.pooler = Dense(cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), cfg.initializer_range,
                                 rngs)
+        if cfg.dense_out_features:  # the sentence-embedding head (module doc)
+            self.dense = Dense(cfg.hidden_size, cfg.dense_out_features, ("embed", "dense_out"),
+                               cfg.initializer_range, rngs)
 
     def __call__(self, input_ids_bt, attention_mask_bt, token_type_ids_bt=None, dropout_key=None,
                  with_pooler: bool = False, positions_bt=None, segments_bt=None) -> dict[str, jax.Array]:
@@ -278,7 +286,9 @@ class BertEncoder(nnx.Module):
         x_btd = scan_layers(self.layers, x_btd, grid, keys, cfg.remat)
         out = {"last_hidden_state": x_btd}
         if not packed:
-            out["embeddings"] = pool(x_btd, grid.valid, cfg.pooling, cfg.normalize)
+            dense = (self.dense.kernel[...], self.dense.bias[...]) if cfg.dense_out_features else None
+            out["embeddings"] = sentence_head(cfg, pool(x_btd, grid.valid, cfg.pooling, False), dense,
+                                              cfg.normalize)
             if with_pooler and cfg.add_pooler:
                 out["pooler_output"] = jnp.tanh(self.pooler(x_btd[:, 0]).astype(jnp.float32))
         return out
@@ -296,6 +306,24 @@ def pool(h_btd: jax.Array, valid_bt: jax.Array, pooling: str, normalize: bool) -
     else:
         return h32_btd
     return _normalize(e_bd) if normalize else e_bd
+
+
+def sentence_head(cfg: ModelConfig, e_bd: jax.Array, dense: tuple[jax.Array, jax.Array] | None,
+                  normalize: bool) -> jax.Array:
+    """Pooled float32 [..., D] -> the sentence embedding: Dense (kernel [D, E], bias [E]) when `dense` is
+    given, then L2 normalisation when `normalize` (pooling "none": token states, returned as they are)."""
+    if cfg.pooling == "none":
+        return e_bd
+    if dense is not None:
+        kernel, bias = dense
+        e_bd = jnp.einsum("...d,de->...e", e_bd.astype(jnp.float32), kernel.astype(jnp.float32),
+                          preferred_element_type=jnp.float32) + bias.astype(jnp.float32)
+    return _normalize(e_bd) if normalize else e_bd
+
+
+def dense_of(cfg: ModelConfig, params: Params) -> tuple[jax.Array, jax.Array] | None:
+    """(kernel, bias) of the Dense head in a parameter dict, or None without one."""
+    return (params["dense"]["kernel"], params["dense"]["bias"]) if cfg.dense_out_features else None
 
 
 def _normalize(e: jax.Array) -> jax.Array:
@@ -379,7 +407,7 @@ def encode(cfg: ModelConfig, params: Params, input_ids_bt: jax.Array, attention_
 def encode_packed(cfg: ModelConfig, params: Params, input_ids_nrl: jax.Array, positions_nrl: jax.Array,
                   segments_nrl: jax.Array, num_slots: int, dropout_keys_nrl: jax.Array | None = None,
                   normalize: bool | None = None) -> jax.Array:
-    """Embeddings [n, num_slots, D] (float32) of n blocks of R packed rows of L tokens.
+    """Embeddings [n, num_slots, E] (float32; E = cfg.embedding_dim) of n blocks of R packed rows of L tokens.
 
     Block i holds texts in slots 0..num_slots-1: the tokens of slot j carry segment id j + 1 and their
     positions in the text (0 = [CLS]); 0 marks padding. `dropout_keys_nrl` (None = inference) is the row
@@ -390,8 +418,9 @@ def encode_packed(cfg: ModelConfig, params: Params, input_ids_nrl: jax.Array, po
     flat = lambda x: None if x is None else x.reshape(n * r, l)  # noqa: E731
     h = encode(cfg, params, flat(input_ids_nrl), None, None, flat(dropout_keys_nrl), positions_bt=flat(positions_nrl),
                segments_bt=flat(segments_nrl))["last_hidden_state"]
-    return pool_segments(h.reshape(n, r * l, -1), segments_nrl.reshape(n, r * l), positions_nrl.reshape(n, r * l),
-                         num_slots, cfg.pooling, cfg.normalize if normalize is None else normalize)
+    e = pool_segments(h.reshape(n, r * l, -1), segments_nrl.reshape(n, r * l), positions_nrl.reshape(n, r * l),
+                      num_slots, cfg.pooling, False)
+    return sentence_head(cfg, e, dense_of(cfg, params), cfg.normalize if normalize is None else normalize)
 
 
 def stack_layers(params: Params) -> Params:

@@ -33,6 +33,9 @@ class ModelConfig:
     add_pooler: bool = True  # keep BERT's [CLS] dense+tanh pooler so checkpoints round-trip
     pooling: str = "mean"  # sentence embedding: "mean" over non-padding tokens (piccolo), "cls", or "none"
     normalize: bool = True  # L2-normalise the sentence embedding
+    # Dense(hidden_size -> dense_out_features), bias, identity activation, after pooling and before the
+    # normalisation (piccolo v2's "scaling layer", 1,024 -> 1,792; sentence-transformers' 2_Dense); 0 = none.
+    dense_out_features: int = 0
     compute_dtype: str = "float32"  # compute dtype; parameters stay float32; pooling/logits always float32
     # Backward-pass recomputation of each block: "none", "full" (keep only each block's input; least
     # memory), "dots_saveable", "dots_with_no_batch_dims_saveable". true / false read as "full" / "none".
@@ -59,10 +62,19 @@ class ModelConfig:
                      "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if isinstance(self.dense_out_features, bool) or self.dense_out_features < 0:
+            raise ValueError(f"dense_out_features={self.dense_out_features} must be >= 0 (0 = no Dense head)")
+        if self.dense_out_features and self.pooling == "none":
+            raise ValueError("dense_out_features needs a sentence embedding: pooling 'mean' or 'cls', not 'none'")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the sentence embedding: dense_out_features with a Dense head, else hidden_size."""
+        return self.dense_out_features or self.hidden_size
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -27,9 +27,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from piccolo_jax import memory, packing, sharding
+from piccolo_jax import hybrid_loss, memory, packing, sharding
 from piccolo_jax.checkpoint import Checkpointer, abstract_like, error_reason
 from piccolo_jax.config import TrainConfig, save_config
+from piccolo_jax.data.batching import task_arrays
 from piccolo_jax.export import write_export
 from piccolo_jax.metrics_log import MetricsLog, ProgressBar, RunLogHandler, console_handler, step_flops
 from piccolo_jax.model import count_params
@@ -226,11 +227,11 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
         except ValueError as e:
             raise UsageError(f"{ckpt.directory}/{start}: {e}") from None
         init_note = f"resumed from {ckpt.directory}/{start}"
-    _log_header(cfg, mesh, state, init_note, start, workdir)
+    _log_header(cfg, mesh, state, init_note, start, workdir, _task_types(pre))
 
     last: dict = {"step": start}
     if start < cfg.run.steps:
-        _check_memory(cfg, mesh, optimizer, schedule)
+        _check_memory(cfg, mesh, optimizer, schedule, _task_types(pre))
         state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule)
     step = last["step"]
     if stop or step < cfg.run.steps:
@@ -254,7 +255,7 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
     return {**last, "state": "complete"}
 
 
-def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule) -> None:
+def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule, tasks: tuple[str, ...]) -> None:
     """Compile the step at the largest shapes the loader can produce and refuse (exit 2) a config whose
     per-device peak does not fit the device, naming the loss.num_chunks that does (piccolo_jax.memory)."""
     limit = int(cfg.run.memory_limit_gib * memory.GiB) or memory.device_memory_limit()
@@ -262,7 +263,8 @@ def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule) -> None:
         log.info("%s", memory.FitReport(cfg.loss.num_chunks, None, None, {}).line())
         return
     d, b = cfg.data, cfg.data.global_batch_size
-    batch = memory.abstract_batch(mesh, b, d.query_max_length, d.passage_max_length, d.num_negatives)
+    k = max(d.negatives_for(t) for t in tasks)  # the widest batch of the run's task types
+    batch = memory.abstract_batch(mesh, b, d.query_max_length, d.passage_max_length, k)
     if jax.process_count() > 1:  # the loop's batches carry the stop flags: compile that very program
         batch[STOP_KEY] = jax.ShapeDtypeStruct((b,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
     peak_for = memory.train_step_peak_for(cfg.model, cfg.loss, optimizer, mesh, cfg.parallel.strategy, batch,
@@ -275,7 +277,14 @@ def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule) -> None:
     log.info("%s", report.line())
 
 
-def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start: int, workdir: Path) -> None:
+def _task_types(pre: Preflight) -> tuple[str, ...]:
+    """The task types of the run's datasets, in piccolo_jax.hybrid_loss.TASKS order."""
+    present = {s.task for s in pre.loader.sources}
+    return tuple(t for t in hybrid_loss.TASKS if t in present) or ("retrieval",)
+
+
+def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start: int, workdir: Path,
+                tasks: tuple[str, ...] = ("retrieval",)) -> None:
     b, dp = cfg.data.global_batch_size, sharding.data_parallel_size(mesh)
     chunks, model_cfg = cfg.loss.num_chunks, cfg.model
     for line in (
@@ -289,6 +298,9 @@ def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start
         f"{count_params(state.params):,} parameters, compute {model_cfg.compute_dtype}, remat {model_cfg.remat}; "
         f"{init_note}",
         f"steps {start} -> {cfg.run.steps}; workdir {workdir}",
+        hybrid_loss.describe(cfg.loss, tasks) + (f"; embedding width {model_cfg.embedding_dim} (Dense head "
+                                                 f"{model_cfg.hidden_size} -> {model_cfg.dense_out_features})"
+                                                 if model_cfg.dense_out_features else ""),
     ):
         log.info("%s", line)
 
@@ -313,19 +325,22 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     step = start
     last: dict = {"step": step}
     watch = _StepWatch(cfg.run.max_consecutive_skipped, int(state.skipped))
+    by_task: dict[str, dict] = {}
     t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
     try:
         while step < cfg.run.steps:
             if processes == 1 and stop:  # one process: stop at once; many: when all agree (below)
                 break
             host_batch = next(loader)
-            arrays = packing.step_arrays(host_batch)  # packed or padded
+            arrays = {**packing.step_arrays(host_batch), **task_arrays(host_batch)}  # packed or padded
             if processes > 1:
                 arrays[STOP_KEY] = np.full(b // processes, int(bool(stop)), np.int32)
-            if step == start:
-                log.info("compiling the train step (the first step takes longer) ...")
+            task = host_batch.get("task", "retrieval")
+            if task not in by_task:
+                log.info("compiling the train step for %s batches (the first such step takes longer) ...", task)
             state, metrics = step_fn(state, sharding.host_local_to_global(arrays, mesh),
-                                     jax.random.fold_in(base_key, step))
+                                     jax.random.fold_in(base_key, step), task=task)
+            by_task[task] = metrics  # each task type's latest metrics (device arrays: no wait here)
             step += 1
             agreed_stop = watch.check(step, metrics)  # reads the previous step's flags: no stall
             examples += b
@@ -334,7 +349,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
             packed = "packed_query_input_ids" in host_batch
             flops += (packing.step_flops if packed else step_flops)(model_cfg, host_batch, processes, chunks)
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != STOP_KEY}
+                metrics = _with_other_tasks(metrics, by_task, task)
                 dt = time.perf_counter() - t_last
                 last = {"step": step, **metrics, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
                         "gflops_per_s": flops / dt / 1e9, **loader.metrics()}
@@ -380,6 +395,17 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
         log.warning("%d step(s) skipped in this start because the loss, gradient or update was not finite",
                     watch.skipped_total)
     return state, last
+
+
+def _with_other_tasks(metrics: dict, by_task: dict[str, dict], task: str) -> dict[str, float]:
+    """This step's metrics (host floats) plus, from each other task type's latest step, its "<task>/..." and
+    "loss/<task>" metrics: one line reports every task type the run has met."""
+    out = {}
+    for other, latest in by_task.items():
+        if other != task:
+            out.update({k: v for k, v in latest.items() if k.startswith((f"{other}/", f"loss/{other}"))})
+    out.update(metrics)
+    return {k: float(v) for k, v in jax.device_get(out).items() if k != STOP_KEY}
 
 
 def abandon(message: str, code: int = 1) -> None:

@@ -228,7 +228,7 @@ def test_to_global_arrays(data_dir, tokenizer):
     arrays = to_global_arrays(batch, NamedSharding(mesh, P("data")))
     assert set(arrays) == {k for k, v in batch.items() if isinstance(v, np.ndarray)}
     for key, array in arrays.items():
-        assert array.shape == batch[key].shape and array.dtype == np.int32
+        assert array.shape == batch[key].shape and array.dtype == (np.float32 if key == "teacher_scores" else np.int32)
         assert len(array.addressable_shards) == 8 and array.addressable_shards[0].data.shape[0] == 2
         np.testing.assert_array_equal(np.asarray(array), batch[key])
     per_key = {k: NamedSharding(mesh, P()) for k in arrays}
@@ -335,7 +335,7 @@ def test_a_batch_that_does_not_fit_the_packed_shapes_is_padded_and_counted(data_
     batch = next(loader)
     assert batch["packing"]["fallback"] and batch["passage_input_ids"].shape[0] == 16
     assert batch["packing"]["real_tokens"] == sum(int(batch[k].sum()) for k in batch if k.endswith("mask"))
-    assert packing.step_arrays(batch).keys() == {k for k in batch if k.endswith(("_ids", "_mask"))}
+    assert packing.step_arrays(batch).keys() == {k for k in batch if k.endswith(("_ids", "attention_mask"))}
     assert loader.metrics()["data/packing_fallbacks"] == 1
     with pytest.raises(RuntimeError, match="before the first batch"):
         loader.enable_packing(shards=2, num_chunks=1)

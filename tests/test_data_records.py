@@ -106,7 +106,7 @@ def test_record_to_json_round_trips_every_kind():
         Record("q", ("p1", "p2"), ("n1", "n2"), "为这个句子生成表示："),
         Record("q", ("p",), ("n1", "n2"), positive_scores=(0.125,), negative_scores=(2.0 ** -23, -3.25)),
         Record("q", ("p",), positive_scores=(2.0,), negative_scores=()),
-        Record("今天天气好", ("天气不错",), task="sts", label=0.1),
+        Record("今天天气好", ("天气不错",), task="sts", label=float(np.float32(0.1))),  # float32 from parsing on
         Record("a", ("b",), task="sts", label=-4.0),
         Record("电影", ("正面",), ("负面",), task="classification"),
         Record("t", ("体育", "足球"), ("财经", "科技"), task="classification"),

@@ -63,7 +63,8 @@ def _expected(row, line):
             "positives": [row["text_pos"]] if "text_pos" in row else row["pos"],
             "negatives": [negatives] if isinstance(negatives, str) else negatives,
             "prompt": row.get("prompt", ""), "line": line, "scored": int("pos_scores" in row),
-            "positive_scores": row.get("pos_scores", []), "negative_scores": row.get("neg_scores", [])}
+            "positive_scores": row.get("pos_scores", []), "negative_scores": row.get("neg_scores", []),
+            "task": "retrieval", "label": 0.0}
 
 
 def test_round_trip_equals_jsonl(tfds_dir):
@@ -83,12 +84,15 @@ def test_examples_are_tfds_examples():
     features = tfds_store.features()
     records = [Record("问题", ("答案",)), Record("q", ("p1", "p2"), ("n1", "负例 two", "n3"), "为这个句子生成表示："),
                Record("😀 emoji", ("ü",), (), None),
-               Record("q", ("p",), ("n1", "n2"), positive_scores=(0.5,), negative_scores=(-1.25, 3.0))]
+               Record("q", ("p",), ("n1", "n2"), positive_scores=(0.5,), negative_scores=(-1.25, 3.0)),
+               Record("今天天气好", ("天气不错",), task="sts", label=3.5), Record("a", ("b",), task="sts", label=-0.25),
+               Record("这部电影太好看了", ("正面",), ("负面", "中性"), task="classification")]
     for line, record in enumerate(records, 1):
         example = {"query": record.query, "positives": list(record.positives), "negatives": list(record.negatives),
                    "prompt": record.prompt or "", "line": line, "scored": int(record.positive_scores is not None),
                    "positive_scores": list(record.positive_scores or ()),
-                   "negative_scores": list(record.negative_scores or ())}
+                   "negative_scores": list(record.negative_scores or ()), "task": record.task,
+                   "label": record.label or 0.0}
         raw, ours = features.serialize_example(example), tfds_store.encode_example(record, line)
         assert Example.FromString(ours) == Example.FromString(raw)  # the same proto (map order aside)
         assert ours == tfds_store.encode_example(record, line)  # deterministic bytes

@@ -1,6 +1,6 @@
 """Generate the bundled sample datasets (Chinese, written for piccolo-jax) from word lists and templates.
 
-    python assets/data/make_samples.py            # rewrites assets/data/{pretrain,finetune}/*.jsonl
+    python assets/data/make_samples.py            # rewrites assets/data/{pretrain,finetune,hybrid}/*.jsonl
 
 Deterministic (seeded), so the committed files are exactly this script's output (a test checks it).
 
@@ -11,6 +11,11 @@ pretrain/  pairs {"text", "text_pos"} (uniem format):
 finetune/  with 2..7 hard negatives per query:
     city_qa.jsonl          uniem triplets {"text", "text_pos", "text_neg": [...]}
     concept_bge.jsonl      FlagEmbedding format {"query", "pos": [...], "neg": [...]}
+hybrid/  the other task types of piccolo v2's hybrid training (with finetune/ for retrieval):
+    sentence_similarity.jsonl  STS scored pairs {"text", "text_pair", "label": 0..5, "type": "cosent"}
+    topic_classification.jsonl classification {"text", "text_pos": label, "text_neg": [other labels],
+                               "type": "cls_contrast"}
+    concept_scored.jsonl       BGE rows with teacher scores {"query", "pos", "neg", "pos_scores", "neg_scores"}
 """
 
 from __future__ import annotations
@@ -256,10 +261,82 @@ def concept_bge(rng):
     return rows
 
 
+def sentence_similarity(rng):
+    """Graded pairs: 5 the same statement reworded, 3 the same plan on another day, 2 the same person going
+    somewhere else, 1 another person at the same place, 0 an unrelated sentence."""
+    days = ["明天", "后天", "周末", "下周一"]
+    rows = []
+    for who in PEOPLE:
+        for place in PLACES:
+            day, other_day = rng.sample(days, 2)
+            other_place = rng.choice([p for p in PLACES if p != place])
+            other_who = rng.choice([p for p in PEOPLE if p != who])
+            text = f"{who}{day}去{place}"
+            subject, (shop, dish) = rng.choice(SUBJECTS), rng.choice(DISHES)
+            for pair, label in ((f"{day}{who}要去{place}", 5), (f"{who}{other_day}去{place}", 3),
+                                (f"{who}{day}去{other_place}", 2), (f"{other_who}{day}在{place}", 1),
+                                (rng.choice([f"{other_who}在学{subject}", f"这家{shop}的{dish}很好吃"]), 0)):
+                rows.append({"text": text, "text_pair": pair, "label": label, "type": "cosent"})
+    rng.shuffle(rows)
+    return rows
+
+
+TOPICS = ("美食", "旅游", "数码产品", "学习", "天气", "科学")
+
+
+def topic_classification(rng):
+    """Texts labelled with their topic: the positive is the topic's name, the negatives the other topics'
+    (piccolo v2's classification triplets: rows share labels, so other rows are never negatives)."""
+    texts = {"美食": [], "旅游": [], "数码产品": [], "学习": [], "天气": [], "科学": []}
+    for c, _, food, sight in CITIES:
+        texts["美食"] += [f"{c}的{food}真的太好吃了", f"推荐大家去{c}尝一尝{food}"]
+        texts["旅游"] += [f"这次去{c}玩，参观了{sight}", f"{sight}的风景让人难忘"]
+    for product in PRODUCTS:
+        aspect, good, _ = rng.choice(ASPECTS)
+        texts["数码产品"] += [f"新买的{product}{good}", f"这台{product}的{aspect}怎么样"]
+    for subject in SUBJECTS:
+        texts["学习"] += [f"每天坚持学习{subject}一小时", f"{subject}考试终于通过了"]
+    for place in PLACES:
+        for good, more in WEATHER[:2]:
+            texts["天气"].append(f"今天{place}附近天气{good}")
+        texts["天气"].append(f"{place}这边下了一整天的雨")
+    for field, concepts in CONCEPTS.items():
+        for concept, _ in concepts[:5]:
+            texts["科学"].append(f"{field}课上老师讲了{concept}")
+    rows = []
+    for topic, items in texts.items():
+        for text in sorted(set(items)):
+            others = [t for t in TOPICS if t != topic]
+            rows.append({"text": text, "text_pos": topic, "text_neg": rng.sample(others, rng.randint(3, 5)),
+                         "type": "cls_contrast"})
+    rng.shuffle(rows)
+    return rows
+
+
+def concept_scored(rng):
+    """BGE rows with teacher (reranker) scores, one per passage: the positive scores highest, the hard
+    negatives (other concepts of the same field) lower, as a cross-encoder's logits would."""
+    queries = ["{c}是怎么回事", "帮我解释{c}这个概念", "{c}到底指什么", "用一句话说明{c}", "{c}是啥"]
+    rows = []
+    for field, concepts in CONCEPTS.items():
+        for concept, definition in concepts:
+            others = [(c, d) for c, d in concepts if c != concept]
+            for template in queries:
+                negatives = rng.sample(others, rng.randint(2, 6))
+                rows.append({"query": template.format(c=concept), "pos": [f"{field}里的{concept}：{definition}。"],
+                             "neg": [f"{field}中，{c}是{d}。" for c, d in negatives],
+                             "pos_scores": [round(rng.uniform(6.0, 9.0), 2)],
+                             "neg_scores": [round(rng.uniform(-3.0, 4.0), 2) for _ in negatives]})
+    rng.shuffle(rows)
+    return rows
+
+
 DATASETS = {
     "pretrain/city_facts.jsonl": city_facts, "pretrain/product_reviews.jsonl": product_reviews,
     "pretrain/paraphrase.jsonl": paraphrase, "finetune/city_qa.jsonl": city_qa,
     "finetune/concept_bge.jsonl": concept_bge,
+    "hybrid/sentence_similarity.jsonl": sentence_similarity, "hybrid/topic_classification.jsonl": topic_classification,
+    "hybrid/concept_scored.jsonl": concept_scored,
 }
 
 

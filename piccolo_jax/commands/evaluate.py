@@ -15,6 +15,9 @@ Each TASK argument is a task, or a directory whose entries (one level down) are 
   STS        a .jsonl file of {"sentence1", "sentence2", "score"} -> cosine Spearman / Pearson
   reranking  a .jsonl file of {"query", "positive": [...], "negative": [...]} -> MAP, mrr@10
 
+--dims 256,512,... also reports every local task's metrics on the first d coordinates of the embeddings,
+renormalised (Matryoshka; each text is encoded once): table rows "NAME @d", JSON "dims": {"d": metrics}.
+
 Queries are encoded with piccolo's "查询: " prefix and passages with "结果: " (retrieval and reranking);
 --no-instructions turns the prefixes off (for models trained without them). To reproduce the published
 C-MTEB table, run the C-MTEB tasks with --mteb-tasks (the `mteb` package; each task's data must be in
@@ -44,7 +47,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--output", type=Path, default=None, help="write results as JSON here")
     p.add_argument("--no-instructions", action="store_true", help="no query / passage prefixes")
     p.add_argument("--top-k", type=int, default=100, help="retrieval depth (recall@100 and map@100 need 100)")
+    p.add_argument("--dims", default=None, metavar="D[,D...]",
+                   help="Matryoshka: also the metrics on the first D coordinates (renormalised) of each embedding, "
+                        "e.g. 256,512,1024 (local TASK paths; --mteb-tasks run at full width)")
     args = p.parse_args(argv)
+    try:
+        args.dims = _dims(args.dims)
+    except ValueError as e:
+        p.error(str(e))
     names = [n.strip() for n in (args.mteb_tasks or "").split(",") if n.strip()]
     if not args.tasks and not names:
         p.error("nothing to evaluate: give TASK paths and/or --mteb-tasks NAMES")
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def run(args, mteb_names: list[str]) -> int:
-    from piccolo_jax.evaluation import evaluate_task, find_tasks, format_table, load_task
+    from piccolo_jax.evaluation import evaluate_task, evaluate_task_at_dims, find_tasks, format_table, load_task
     from piccolo_jax.inference import encoder_from_args
 
     local = []  # every task file is read (and checked) before the model is loaded
@@ -63,17 +73,26 @@ def run(args, mteb_names: list[str]) -> int:
         local.append((path, kind, task))
     mteb_tasks = _load_mteb_tasks(mteb_names) if mteb_names else []
     enc = encoder_from_args(args)
+    too_wide = [d for d in args.dims if d > enc.dim]
+    if too_wide:
+        raise InputError(f"--dims {','.join(map(str, too_wide))}: wider than the model's embeddings ({enc.dim})")
     encode_kwargs = {"batch_size": args.batch_size, "tokens_per_batch": args.tokens_per_batch}
     results = {}
     for path, kind, task in local:
         start = time.perf_counter()
-        metrics = evaluate_task(enc, kind, task, instructions=not args.no_instructions, top_k=args.top_k,
-                                **encode_kwargs)
+        options = dict(instructions=not args.no_instructions, top_k=args.top_k, **encode_kwargs)
+        by_dim = None
+        if args.dims:
+            metrics, by_dim = evaluate_task_at_dims(enc, kind, task, args.dims, **options)
+        else:
+            metrics = evaluate_task(enc, kind, task, **options)
         name = path.stem if path.is_file() else path.name
         if name in results:
             name = str(path)
         results[name] = {"type": kind, "path": str(path), "metrics": metrics,
                          "seconds": round(time.perf_counter() - start, 3)}
+        if by_dim is not None:
+            results[name]["dims"] = {str(d): m for d, m in by_dim.items()}
     if results:
         print(format_table(results), end="")
     mteb_results = {}
@@ -86,12 +105,27 @@ def run(args, mteb_names: list[str]) -> int:
         print(("\n" if results else "") + format_mteb_table(mteb_results), end="")
     if args.output is not None:
         report = {"model": args.model, "instructions": not args.no_instructions, "dtype": args.dtype,
-                  "max_length": enc.max_length, "tasks": results}
+                  "max_length": enc.max_length, "dim": enc.dim, "tasks": results}
+        if args.dims:
+            report["dims"] = args.dims
         if mteb_results:
             report["mteb"] = mteb_results
         _write_json(args.output, report)
         print(f"wrote {args.output}")
     return 0
+
+
+def _dims(text: str | None) -> list[int]:
+    """`--dims 256,512` -> [256, 512]: positive, distinct ints."""
+    if text is None:
+        return []
+    try:
+        dims = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--dims {text!r}: expected comma-separated ints, e.g. 256,512,1024") from None
+    if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise ValueError(f"--dims {text!r}: expected distinct positive ints, e.g. 256,512,1024")
+    return dims
 
 
 def _load_mteb_tasks(names: list[str]) -> list:

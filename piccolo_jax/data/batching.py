@@ -6,6 +6,15 @@ a record with 0 < n < K negatives cycles a shuffled copy of its list (repeats, a
 a record with none gets the positives of K records of the same dataset that are not in the batch
 (random negatives). Both cases are counted per dataset when the loader opens it, and reported.
 
+What a batch holds follows its dataset's task type (`Source.task`; K from `DataConfig.negatives_for`):
+
+    retrieval       query, positive, K negatives; with K > 0 also the teacher scores of the chosen passages,
+                    `teacher_scores` [b, 1 + K] float32 and `has_teacher` [b] int32 (1 = the record has
+                    teacher scores and its own negatives; random negatives lent by other records have none)
+    sts             text (as the query), text_pair (as the positive), `labels` [b] float32; no negatives,
+                    no instruction prefixes
+    classification  text, its label text, K_cls of its own other labels (cycled when fewer), never lent
+
 All hosts pad a global batch to the same lengths T without talking to each other: T is decided from the
 per-record character bounds of ALL B rows (arrays every host holds), rounded up to `pad_multiple` and
 capped at the max length; each host then tokenises only its own rows.
@@ -19,6 +28,8 @@ rows costs a multi-host run (hosts - 1) x B / hosts more record reads per step, 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -76,6 +87,14 @@ def positive_slot(seed: int, dataset: str, epoch: int, record_id: int, count: in
     return int(mix(seed, _TAG_POSITIVE, name_key(dataset), epoch, record_id) % np.uint64(count))
 
 
+TASK_KEYS = ("labels", "teacher_scores", "has_teacher")  # the per-row arrays a task type adds to a batch
+
+
+def task_arrays(host_batch: dict) -> dict[str, np.ndarray]:
+    """The task arrays (TASK_KEYS) a host batch carries, for the train step."""
+    return {k: host_batch[k] for k in TASK_KEYS if k in host_batch}
+
+
 def padded_length(bound: int, max_length: int, multiple: int) -> int:
     """min(max_length, bound rounded up to a multiple of `multiple`)."""
     return min(max_length, -(-bound // multiple) * multiple)
@@ -84,18 +103,19 @@ def padded_length(bound: int, max_length: int, multiple: int) -> int:
 def text_bounds(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: Tokenizer
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Upper bounds on the token count of every text of the global batch, identical on every host:
-    queries [B] and documents [B, 1 + K] (positive, then the K negatives), int64, each capped at its max
-    length (prefix and [CLS] / [SEP] included; the max lengths when the tokenizer has no proven bound)."""
-    rows, k = plan.record_ids, cfg.num_negatives
+    queries [B] and documents [B, 1 + K] (positive, then the K negatives of the dataset's task), int64, each
+    capped at its max length (prefix and [CLS] / [SEP] included; the max lengths when the tokenizer has no
+    proven bound)."""
+    rows, k = plan.record_ids, cfg.negatives_for(source.task)
     qmax, pmax = cfg.query_max_length, cfg.passage_max_length
     if not tokenizer.char_bound_holds:
         return np.full(len(rows), qmax, np.int64), np.full((len(rows), 1 + k), pmax, np.int64)
-    query_prefix, passage_prefix = cfg.prefixes(source.name)
+    query_prefix, passage_prefix = cfg.prefixes(source.name, source.task)
     prefix_q, prefix_p = (int(x) for x in char_token_bounds([query_prefix, passage_prefix]))
     extra = tokenizer.num_special
     q = source.query_bounds[rows].astype(np.int64) + prefix_q + extra
     d = np.repeat(source.passage_bounds[rows].astype(np.int64)[:, None], 1 + k, axis=1)
-    if k:
+    if k and source.task == "retrieval":  # classification records always have their own negatives
         lacking = np.flatnonzero(source.num_negatives[rows] == 0)
         if len(lacking):  # their negatives are positives of other records (`fill_record_ids`)
             fill = fill_record_ids(cfg.seed, source.name, plan.epoch, rows[lacking], rows, len(source), k)
@@ -110,17 +130,38 @@ def global_lengths(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer: 
             padded_length(int(d.max()), cfg.passage_max_length, cfg.pad_multiple))
 
 
-def batch_texts(plan: BatchPlan, source: Source, cfg: DataConfig, rows: np.ndarray) -> tuple[list, list, list]:
-    """The prefixed texts of rows `rows` of the batch: queries [b], positives [b], negatives [b K] (row-major)."""
-    query_prefix, passage_prefix = cfg.prefixes(source.name)
+class BatchTexts(NamedTuple):
+    """Rows of a batch: prefixed texts and the task's per-row arrays (module doc; keys of TASK_KEYS)."""
+
+    queries: list[str]  # [b]
+    passages: list[str]  # [b] the positive (sts: the second text)
+    negatives: list[str]  # [b K] row-major
+    extra: dict[str, np.ndarray]  # labels / teacher_scores / has_teacher, [b, ...]
+
+    def rows(self, lo: int, hi: int) -> "BatchTexts":
+        """Rows [lo, hi)."""
+        k = len(self.negatives) // max(len(self.queries), 1)
+        return BatchTexts(self.queries[lo:hi], self.passages[lo:hi], self.negatives[lo * k:hi * k],
+                          {key: v[lo:hi] for key, v in self.extra.items()})
+
+
+def batch_texts(plan: BatchPlan, source: Source, cfg: DataConfig, rows: np.ndarray) -> BatchTexts:
+    """The prefixed texts of rows `rows` of the batch (queries [b], positives [b], negatives [b K] row-major,
+    K of the dataset's task) and its task's per-row arrays."""
+    task, name = source.task, source.name
+    query_prefix, passage_prefix = cfg.prefixes(name, task)
     records = source.records(rows)
-    k, name = cfg.num_negatives, source.name
+    k = cfg.negatives_for(task)
     queries = [(r.prompt or query_prefix) + r.query for r in records]
-    passages = [passage_prefix + r.positives[positive_slot(cfg.seed, name, plan.epoch, rid, len(r.positives))]
-                for rid, r in zip(rows, records)]
+    chosen = [positive_slot(cfg.seed, name, plan.epoch, rid, len(r.positives)) for rid, r in zip(rows, records)]
+    passages = [passage_prefix + r.positives[c] for c, r in zip(chosen, records)]
+    extra: dict[str, np.ndarray] = {}
+    if task == "sts":
+        extra["labels"] = np.array([r.label for r in records], np.float32)
     negatives = []
     if k:
-        lacking = [i for i, r in enumerate(records) if not r.negatives]
+        teacher, has_teacher = np.zeros((len(rows), 1 + k), np.float32), np.zeros(len(rows), np.int32)
+        lacking = [i for i, r in enumerate(records) if not r.negatives]  # retrieval only (Source.resolve_task)
         lenders = {}
         if lacking:
             fill = fill_record_ids(cfg.seed, name, plan.epoch, rows[lacking], plan.record_ids, len(source), k)
@@ -129,19 +170,25 @@ def batch_texts(plan: BatchPlan, source: Source, cfg: DataConfig, rows: np.ndarr
         for i, (rid, r) in enumerate(zip(rows, records)):
             if i in lenders:
                 negatives += [passage_prefix + other.positives[0] for other in lenders[i]]
-            else:
-                slots = negative_slots(cfg.seed, name, plan.epoch, rid, len(r.negatives), k)
-                negatives += [passage_prefix + r.negatives[s] for s in slots]
-    return queries, passages, negatives
+                continue
+            slots = negative_slots(cfg.seed, name, plan.epoch, rid, len(r.negatives), k)
+            negatives += [passage_prefix + r.negatives[s] for s in slots]
+            if r.positive_scores is not None:  # the teacher's scores of exactly the passages chosen
+                teacher[i, 0] = r.positive_scores[chosen[i]]
+                teacher[i, 1:] = [r.negative_scores[s] for s in slots]
+                has_teacher[i] = 1
+        if task == "retrieval":
+            extra["teacher_scores"], extra["has_teacher"] = teacher, has_teacher
+    return BatchTexts(queries, passages, negatives, extra)
 
 
-def packing_bounds(texts: tuple[list, list, list], cfg: DataConfig, tokenizer: Tokenizer
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def packing_bounds(texts: BatchTexts, cfg: DataConfig, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Token-count upper bounds of the texts of a whole batch (`batch_texts` of all its rows), per text:
     queries [B], documents [B, 1 + K]; [CLS] / [SEP] included, capped at the max lengths (the max
     lengths themselves when the tokenizer's bound is not proven)."""
-    queries, passages, negatives = texts
-    b, k = len(queries), cfg.num_negatives
+    queries, passages, negatives = texts[:3]
+    b = len(queries)
+    k = len(negatives) // max(b, 1)
     qmax, pmax = cfg.query_max_length, cfg.passage_max_length
     if not tokenizer.char_bound_holds:
         return np.full(b, qmax, np.int64), np.full((b, 1 + k), pmax, np.int64)
@@ -169,25 +216,25 @@ def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer
 
     Padded (packing None, or a batch that does not fit `packing`): query_input_ids / query_attention_mask
     [b, Tq], passage_input_ids / passage_attention_mask [b, Tp], and when K > 0 negative_input_ids /
-    negative_attention_mask [b, K, Tp] (all int32). Packed: the arrays of `packing.pack_host_batch`.
-    Both carry record_index [b] int32 and the Python values step, dataset_index, dataset_name, and with
-    `packing` a dict "packing" (real / computed tokens of this host, whether the batch fell back).
+    negative_attention_mask [b, K, Tp] (all int32; K of the dataset's task). Packed: the arrays of
+    `packing.pack_host_batch`. Both carry record_index [b] int32, the task's arrays (TASK_KEYS, module doc)
+    and the Python values step, dataset_index, dataset_name, task, and with `packing` a dict "packing"
+    (real / computed tokens of this host, whether the batch fell back).
     """
     b = len(plan.record_ids) // process_count
     rows = plan.record_ids[process_index * b:(process_index + 1) * b]
-    k, layout = cfg.num_negatives, None
+    k, layout = cfg.negatives_for(source.task), None
     if packing is None:
         texts = batch_texts(plan, source, cfg, rows)
     else:  # every host bounds every text of the batch (reading all its records), then takes its own
         everything = batch_texts(plan, source, cfg, plan.record_ids)
         layout = packed_layout(packing_bounds(everything, cfg, tokenizer), packing)
-        lo, hi = process_index * b, (process_index + 1) * b
-        texts = (everything[0][lo:hi], everything[1][lo:hi], everything[2][lo * k:hi * k])
-    queries = tokenizer.token_ids(texts[0], cfg.query_max_length)
-    passages = tokenizer.token_ids(texts[1], cfg.passage_max_length)
-    negatives = tokenizer.token_ids(texts[2], cfg.passage_max_length) if k else []
+        texts = everything.rows(process_index * b, (process_index + 1) * b)
+    queries = tokenizer.token_ids(texts.queries, cfg.query_max_length)
+    passages = tokenizer.token_ids(texts.passages, cfg.passage_max_length)
+    negatives = tokenizer.token_ids(texts.negatives, cfg.passage_max_length) if k else []
     info = {"record_index": rows.astype(np.int32), "step": plan.step, "dataset_index": plan.dataset,
-            "dataset_name": source.name}
+            "dataset_name": source.name, "task": source.task, **texts.extra}
     if layout is not None:
         documents = [[p, *negatives[i * k:(i + 1) * k]] for i, p in enumerate(passages)]
         blocks_per_host = packing.shards * packing.num_chunks // process_count

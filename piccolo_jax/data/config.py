@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-RECORD_FORMATS = ("auto", "uniem", "bge")
+from piccolo_jax.data.records import RECORD_FORMATS, TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,8 +14,15 @@ class DataConfig:
 
     # JSONL files, directories of JSONL files, or TFDS dataset directories; one file = one dataset.
     paths: tuple[str, ...] = ()
-    # "auto": each record by its keys ({"text", ...} uniem/M3E/piccolo, {"query", ...} FlagEmbedding/BGE).
+    # "auto": each record by its keys ({"text", ...} uniem/M3E/piccolo, {"query", ...} FlagEmbedding/BGE,
+    # {"sentence1", ...} / {"text_pair", ...} scored pairs); or one of "uniem", "bge", "scored_pair",
+    # "classification" for every file.
     record_format: str = "auto"
+    # (dataset name, task type) pairs, task "retrieval", "sts" or "classification": the loss of that dataset's
+    # batches. A dataset not listed takes the task of its records (scored pairs: sts; piccolo v2 rows with
+    # "type": "cls_contrast": classification; pairs, triplets, BGE rows: retrieval). Only retrieval-format
+    # records can be set to "classification" (each then against its own negatives only). A dict is accepted.
+    dataset_tasks: tuple[tuple[str, str], ...] = ()
     # (dataset name, weight) pairs; empty = mix by size (each epoch takes every full batch once, M3E).
     # A dict is accepted and converted.
     weights: tuple[tuple[str, float], ...] = ()
@@ -25,6 +32,9 @@ class DataConfig:
     global_batch_size: int = 32
     # Hard negatives per query, K (piccolo: 2..7 in finetune); 0 = pairs only (pretrain).
     num_negatives: int = 0
+    # Negatives per classification record, each from the record's own list (piccolo v2: up to 10), never lent
+    # from other records; a record with fewer repeats its own. 0 = num_negatives.
+    classification_negatives: int = 0
     # Token limits including [CLS] and [SEP] (and the prefix); longer texts are truncated.
     query_max_length: int = 64  # piccolo: 64 in finetune, 128 in pretrain
     passage_max_length: int = 512  # piccolo: 512 in finetune, 128 in pretrain
@@ -36,7 +46,8 @@ class DataConfig:
     # Instructions prepended before tokenising (piccolo's), except on symmetric datasets.
     query_prefix: str = "查询: "  # on queries
     passage_prefix: str = "结果: "  # on positives and hard negatives
-    # Datasets whose two sides are alike (paraphrase, NLI): no prefix on either side.
+    # Datasets whose two sides are alike (paraphrase, NLI): no prefix on either side. STS datasets (scored
+    # pairs) never get the two prefixes above (as STS evaluation encodes without them); dataset_prefixes can.
     symmetric_datasets: tuple[str, ...] = ()
     # (dataset name, query prefix, passage prefix) overrides of the two prefixes above.
     dataset_prefixes: tuple[tuple[str, str, str], ...] = ()
@@ -55,6 +66,12 @@ class DataConfig:
         object.__setattr__(self, "paths", tuple(str(p) for p in self.paths))
         if isinstance(self.weights, Mapping):
             object.__setattr__(self, "weights", tuple(self.weights.items()))
+        if isinstance(self.dataset_tasks, Mapping):
+            object.__setattr__(self, "dataset_tasks", tuple(self.dataset_tasks.items()))
+        object.__setattr__(self, "dataset_tasks", tuple((str(n), str(t)) for n, t in self.dataset_tasks))
+        for name, task in self.dataset_tasks:
+            if task not in TASKS:
+                raise ValueError(f"dataset_tasks[{name!r}] = {task!r}; expected one of {TASKS}")
         object.__setattr__(self, "weights", tuple((str(n), float(w)) for n, w in self.weights))
         object.__setattr__(self, "symmetric_datasets", tuple(self.symmetric_datasets))
         object.__setattr__(self, "dataset_prefixes", tuple(tuple(p) for p in self.dataset_prefixes))
@@ -64,7 +81,7 @@ class DataConfig:
                       "max_record_bytes", "prefetch"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-        for field in ("num_negatives", "num_workers"):
+        for field in ("num_negatives", "classification_negatives", "num_workers"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if min(self.query_max_length, self.passage_max_length) < 3:
@@ -77,11 +94,23 @@ class DataConfig:
                 raise ValueError(f"dataset_prefixes entries are (name, query_prefix, passage_prefix), "
                                  f"got {entry!r}")
 
-    def prefixes(self, dataset: str) -> tuple[str, str]:
-        """(query prefix, passage prefix) for one dataset."""
+    def prefixes(self, dataset: str, task: str = "retrieval") -> tuple[str, str]:
+        """(query prefix, passage prefix) for one dataset of task type `task`."""
         for name, query_prefix, passage_prefix in self.dataset_prefixes:
             if name == dataset:
                 return query_prefix, passage_prefix
-        if dataset in self.symmetric_datasets:
+        if dataset in self.symmetric_datasets or task == "sts":
             return "", ""
         return self.query_prefix, self.passage_prefix
+
+    def negatives_for(self, task: str) -> int:
+        """Negatives per row of a batch of task type `task`: K, the classification K, or 0 for sts."""
+        if task == "sts":
+            return 0
+        if task == "classification":
+            return self.classification_negatives or self.num_negatives
+        return self.num_negatives
+
+    def declared_task(self, dataset: str) -> str | None:
+        """The task `dataset_tasks` gives `dataset`, or None."""
+        return dict(self.dataset_tasks).get(dataset)

@@ -38,12 +38,14 @@ log = logging.getLogger(__name__)
 def dataset_name_warnings(cfg: DataConfig, names: list[str]) -> list[str]:
     """Warnings for settings that name datasets which are not there (so that one config serves any data).
 
-    `symmetric_datasets`, `dataset_prefixes` and `weights` entries naming no dataset are ignored with a
-    warning; when `weights` is used, a dataset it leaves out is an error (its share would be a guess).
+    `symmetric_datasets`, `dataset_prefixes`, `dataset_tasks` and `weights` entries naming no dataset are
+    ignored with a warning; when `weights` is used, a dataset it leaves out is an error (its share would be
+    a guess).
     """
     out = []
     for field, listed in (("symmetric_datasets", cfg.symmetric_datasets),
                           ("dataset_prefixes", [p[0] for p in cfg.dataset_prefixes]),
+                          ("dataset_tasks", [t[0] for t in cfg.dataset_tasks]),
                           ("weights", [w[0] for w in cfg.weights])):
         unknown = sorted(set(listed) - set(names))
         if unknown:
@@ -75,6 +77,12 @@ class Loader:
         self.process_index, self.process_count = process_index, process_count
         names = [s.name for s in sources]
         self.warnings = dataset_name_warnings(cfg, names)
+        for source in sources:  # each dataset's task type (its loss): its records', or data.dataset_tasks'
+            task = source.resolve_task(cfg.declared_task(source.name))
+            if task == "classification" and not cfg.negatives_for(task):
+                raise ValueError(f"dataset {source.name!r} is a classification dataset, which trains against each "
+                                 "record's own negatives: set data.classification_negatives (or "
+                                 "data.num_negatives) >= 1")
         weights = {n: w for n, w in cfg.weights if n in names}
         self.sampler = Sampler(names, [len(s) for s in sources], cfg.global_batch_size, cfg.seed,
                                weights or None)
@@ -105,7 +113,8 @@ class Loader:
         """
         if self._pending or self._state != self._planned or self._handed_out:
             raise RuntimeError("Loader.enable_packing must come before the first batch")
-        cfg, b, k = self.cfg, self.cfg.global_batch_size, self.cfg.num_negatives
+        cfg, b = self.cfg, self.cfg.global_batch_size
+        k = max(cfg.negatives_for(s.task) for s in self.sources)  # the most documents per row of any task
         blocks = shards * num_chunks
         if shards % self.process_count or b % blocks:
             raise ValueError(f"packing: global_batch_size {b} over {shards} shards x {num_chunks} chunks on "
@@ -135,13 +144,14 @@ class Loader:
         return {f: n for s in self.sources for f, n in s.bad_records.items()}
 
     def report(self) -> dict:
-        """Per dataset: records, batches per pass, exclusion reason, negatives shortfall, bad records."""
-        k = self.cfg.num_negatives
+        """Per dataset: task type, records, batches per pass, exclusion reason, negatives shortfall (K of
+        its task), bad records."""
         out = {}
         for i, s in enumerate(self.sources):
+            k = self.cfg.negatives_for(s.task)
             without, fewer = s.negatives_shortfall(k) if k else (0, 0)
             out[s.name] = {
-                "path": s.path, "records": len(s),
+                "path": s.path, "task": s.task, "negatives": k, "records": len(s),
                 "batches_per_epoch": self.sampler.batches_per_epoch[i],
                 # records each pass leaves out (a different random set every pass)
                 "left_per_epoch": len(s) % self.cfg.global_batch_size if s.name not in self.sampler.excluded
@@ -154,10 +164,11 @@ class Loader:
 
     def summary_lines(self) -> list[str]:
         """The report as log lines."""
-        k, lines = self.cfg.num_negatives, []
+        lines = []
         for name, r in self.report().items():
-            line = (f"dataset {name}: {r['records']} records, {r['batches_per_epoch']} batches per pass, "
-                    f"{r['left_per_epoch']} records left out of each pass")
+            k = r["negatives"]
+            line = (f"dataset {name}: {r['task']}, {r['records']} records, {r['batches_per_epoch']} batches per "
+                    f"pass, {r['left_per_epoch']} records left out of each pass")
             if r["excluded"]:
                 line += f", EXCLUDED ({r['excluded']})"
             if r["records_without_negatives"]:
@@ -234,9 +245,11 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0, p
     Each batch (a dict, all arrays int32, every row from one dataset):
         query_input_ids, query_attention_mask        [b, Tq]
         passage_input_ids, passage_attention_mask    [b, Tp]
-        negative_input_ids, negative_attention_mask  [b, K, Tp]   only when cfg.num_negatives = K > 0
+        negative_input_ids, negative_attention_mask  [b, K, Tp]   only when K > 0 (K: cfg.negatives_for(task))
+        labels                                       [b] float32  sts datasets (scored pairs)
+        teacher_scores, has_teacher                  [b, 1 + K] float32, [b] int32   retrieval with K > 0
         record_index                                 [b]          rows of the dataset (for debugging)
-        step, dataset_index, dataset_name            Python int / int / str
+        step, dataset_index, dataset_name, task      Python int / int / str / str (the dataset's task type)
     Tq and Tp are the same on every host for a given step (decided from the whole global batch),
     multiples of cfg.pad_multiple or the max lengths. After `loader.enable_packing(shards, chunks)` batches
     come packed (`packing.pack_host_batch`), or padded as above when they do not fit the packed shapes.

@@ -5,6 +5,7 @@ For record i of a dataset (`char_token_bounds` is the token upper bound of picco
     query_bounds[i]   = bound(prompt_i) + bound(query_i)
     passage_bounds[i] = max over the positives and negatives of record i of bound(text)
     num_negatives[i]  = len(negatives_i)
+    task_ids[i]       = index of record i's task in records.TASKS (0 retrieval, 1 sts, 2 classification)
 
 The batcher uses a bound only as min(max_length, round_up(max over rows of bound + extras)) and a count
 only as `== 0` and `< K`, so every value is stored clipped at CAP = 65,535: exact for any max length
@@ -12,14 +13,16 @@ and any K up to 65,535 (BERT's positions end at 512). Each array takes the narro
 that holds its largest (clipped) value, and an array whose values are all equal is kept as one number
 (a zero-stride view, 0 bytes a record): the num_negatives of a pairs dataset.
 
-    pretrain pairs (texts <= 255 characters): uint8 + uint8 + constant = 2 bytes a record
-    finetune triplets (512-token passages):   uint8 + uint16 + uint8    = 4 bytes a record
+    pretrain pairs (texts <= 255 characters): uint8 + uint8 + constant (+ constant task) = 2 bytes a record
+    finetune triplets (512-token passages):   uint8 + uint16 + uint8 (+ constant task)  = 4 bytes a record
     400 M pretrain records: 800 MB on disk, memory-mapped (`np.load(mmap_mode="r")`), so a host keeps
     resident only the pages its batches touch (at most the 800 MB, reclaimable page cache).
 
 `RecordStats` builds the arrays chunk by chunk (4,096 records a vectorised call, 2 bytes a value
 while building); `save_arrays` / `load_arrays` store them as one .npy file each next to a JSON
-description {name: {"dtype", "constant"}}.
+description {name: {"dtype", "constant"}}. A dataset holds one task type, so `task_ids` is a constant
+(0 bytes) in every dataset the loader accepts; one that is not names the first record that disagrees. A
+description written before `task_ids` existed (TFDS format <= 3) reads as all retrieval.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from piccolo_jax.data.records import Record
+from piccolo_jax.data.records import TASKS, Record
 from piccolo_jax.tokenization import char_token_bounds
 
-ARRAY_NAMES = ("query_bounds", "passage_bounds", "num_negatives")
+ARRAY_NAMES = ("query_bounds", "passage_bounds", "num_negatives", "task_ids")
+TASK_IDS = {task: i for i, task in enumerate(TASKS)}
 CAP = 65_535  # clip of every stored value (see module doc)
 _CHUNK = 4096  # records whose bounds are computed in one vectorised call
 _COUNT_CHUNK = 1 << 24  # elements compared at once when counting (16 MB of booleans)
@@ -59,8 +63,8 @@ def narrow(values: np.ndarray) -> np.ndarray:
     return np.minimum(values, CAP).astype(dtype)
 
 
-def record_bounds(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(query_bound, passage_bound, num_negatives) [len(records)] int64, unclipped (see module doc)."""
+def record_bounds(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(query_bound, passage_bound, num_negatives, task_ids) [len(records)] int64, unclipped (module doc)."""
     query = char_token_bounds([r.query for r in records]) + char_token_bounds(
         [r.prompt or "" for r in records])
     passages = [p for r in records for p in (*r.positives, *r.negatives)]
@@ -68,7 +72,8 @@ def record_bounds(records: Sequence[Record]) -> tuple[np.ndarray, np.ndarray, np
     passage = np.zeros(len(records), np.int64)
     np.maximum.at(passage, owner, char_token_bounds(passages))
     negatives = np.fromiter((len(r.negatives) for r in records), np.int64, len(records))
-    return query, passage, negatives
+    tasks = np.fromiter((TASK_IDS[r.task] for r in records), np.int64, len(records))
+    return query, passage, negatives, tasks
 
 
 class RecordStats:
@@ -90,13 +95,13 @@ class RecordStats:
             for values, new in zip(self._values, record_bounds(records)):
                 values.frombytes(np.minimum(new, CAP).astype(np.uint16).tobytes())
 
-    def clipped(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The three arrays clipped at CAP, uint16 (before narrowing); views of the buffers."""
+    def clipped(self) -> tuple[np.ndarray, ...]:
+        """The arrays of ARRAY_NAMES clipped at CAP, uint16 (before narrowing); views of the buffers."""
         self._flush()
         return tuple(np.frombuffer(values, np.uint16) for values in self._values)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query_bounds, passage_bounds, num_negatives), each [N], narrowed (see module doc)."""
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(query_bounds, passage_bounds, num_negatives, task_ids), each [N], narrowed (see module doc)."""
         return tuple(narrow(a) for a in self.clipped())
 
 
@@ -123,7 +128,12 @@ def load_arrays(directory: str, meta: Mapping, num_records: int) -> tuple[np.nda
     raises ValueError naming the file when one is missing or has the wrong length or dtype."""
     out = []
     for name in ARRAY_NAMES:
-        entry = meta[name]
+        entry = meta.get(name)
+        if entry is None and name == "task_ids":  # written before task types: every record is retrieval
+            entry = {"dtype": "uint8", "constant": TASK_IDS["retrieval"]}
+        elif entry is None:
+            raise ValueError(f"{directory}: the description of the per-record arrays lacks {name!r}; prepare "
+                             "the dataset again")
         if entry["constant"] is not None:
             out.append(np.broadcast_to(np.array(entry["constant"], entry["dtype"]), (num_records,)))
             continue

@@ -12,8 +12,9 @@ Each record carries its task type, which chooses its loss (piccolo v2's hybrid t
 In BGE rows `neg`, `prompt` and the teacher scores are optional; `prompt`, when non-empty, replaces
 the dataset's query prefix; `pos_scores` / `neg_scores` hold one teacher (reranker) score per
 passage, both given or neither (`neg_scores` may be left out when there are no negatives). A label
-is any finite JSON number (an STS grade 0..5, a 0/1 pair-classification label, a float); only the
-order of labels matters to CoSENT. A classification record needs at least one negative: its
+is any finite JSON number (an STS grade 0..5, a 0/1 pair-classification label, a float), held at
+float32 precision from parsing on (as the loss and the TFDS store take it); only the order of labels
+matters to CoSENT. A classification record needs at least one negative: its
 negatives are the other labels, never other rows of the batch.
 
 "auto" decides per record by its keys: `query` -> bge; `sentence1` or `text_pair` -> scored_pair;
@@ -102,6 +103,14 @@ def _number(value, where: str) -> float:
     return number
 
 
+def _float32(value: float, where: str) -> float:
+    """`value` rounded to float32 (what the loss and the TFDS store hold), still finite."""
+    out = float(struct.unpack("f", struct.pack("f", value))[0])
+    if not math.isfinite(out):
+        raise BadRecord(f"{where} must be finite in float32 (|x| < 3.4e38)")
+    return out
+
+
 def _scores(obj: dict, key: str, texts_key: str, count: int) -> tuple[float, ...]:
     value = obj[key]
     if not isinstance(value, list):
@@ -160,7 +169,7 @@ def _scored_pair(obj: dict) -> Record:
     a, b = _text(obj, first), _text(obj, second)
     if "label" not in obj:
         raise BadRecord("missing field 'label'")
-    return Record(a, (b,), task="sts", label=_number(obj["label"], "field 'label'"))
+    return Record(a, (b,), task="sts", label=_float32(_number(obj["label"], "field 'label'"), "field 'label'"))
 
 
 def _bge(obj: dict) -> Record:

@@ -1,8 +1,13 @@
 """Datasets on disk with random access: JSONL files and TFDS array_record directories.
 
-Every source holds the three per-record arrays the sampler needs for every row of a global batch
-without reading its text (`query_bounds`, `passage_bounds`, `num_negatives`; see record_arrays for
+Every source holds the per-record arrays the sampler needs for every row of a global batch without
+reading its text (`query_bounds`, `passage_bounds`, `num_negatives`, `task_ids`; see record_arrays for
 their arithmetic and dtypes) and reads records back on demand with `records(ids)`.
+
+Each dataset has one task type (`Source.task`: "retrieval", "sts" or "classification"), which picks
+its loss: the task of its records, all of which must agree (the first record that disagrees is refused
+with its file:line), or the one `resolve_task` is given (`data.dataset_tasks`), which may only read
+retrieval-format records (a uniem triplet, a BGE row) as classification, each with its own negatives.
 
 * JSONL: opening reads the file once; every line is parsed and validated, and per good record the
   byte offset (int64), length (uint32) and line number (uint32) are kept: 16 bytes a record plus the
@@ -28,7 +33,7 @@ import numpy as np
 from piccolo_jax.data import record_arrays
 from piccolo_jax.data.discovery import find_dataset_paths, jsonl_stem
 from piccolo_jax.data.jsonl_scan import TRAINER_HINT, BadRecords, scan_lines
-from piccolo_jax.data.records import Record, parse_line
+from piccolo_jax.data.records import TASKS, BadRecord, Record, parse_line
 
 __all__ = ["JsonlSource", "Source", "TfdsSource", "find_dataset_paths", "open_sources"]
 
@@ -43,11 +48,53 @@ class Source:
     query_bounds: np.ndarray
     passage_bounds: np.ndarray
     num_negatives: np.ndarray
+    task_ids: np.ndarray
 
     def __init__(self):
         self.bad_records: dict[str, int] = {}  # file -> records skipped
         self.bad_messages: list[str] = []  # the first few "file:line: reason" of those
         self._negatives_histogram: dict[int, int] | None = None
+        self.task: str = "retrieval"  # the dataset's task type (module doc); set from the records
+
+    def where(self, i: int) -> str:
+        """"file:line" of record i (for messages)."""
+        raise NotImplementedError
+
+    def records_task(self) -> str:
+        """The task type of the records (all agree: checked when the source is opened)."""
+        return TASKS[int(self.task_ids[0])] if len(self.task_ids) else "retrieval"
+
+    def check_one_task(self) -> None:
+        """Refuse a dataset whose records are of several task types, naming the first that disagrees."""
+        if not len(self.task_ids) or self.task_ids.strides == (0,):
+            return
+        first = int(self.task_ids[0])
+        other = np.flatnonzero(np.asarray(self.task_ids) != first)
+        if len(other):
+            i = int(other[0])
+            raise BadRecord(f"{self.where(i)}: a {TASKS[int(self.task_ids[i])]} record in a dataset of "
+                            f"{TASKS[first]} records (from {self.where(0)}): one dataset holds one task type "
+                            "(one loss); put each task type in its own file")
+
+    def resolve_task(self, declared: str | None = None) -> str:
+        """Set and return `task`: the records' task, or `declared` (see the module doc)."""
+        detected = self.records_task()
+        if declared is None or declared == detected:
+            self.task = detected
+            return detected
+        if declared not in TASKS:
+            raise ValueError(f"data.dataset_tasks sets {self.name!r} to {declared!r}; expected one of {TASKS}")
+        if (declared, detected) != ("classification", "retrieval"):
+            raise ValueError(f"data.dataset_tasks sets {self.name!r} to {declared!r}, but its records are "
+                             f"{detected} records ({self.where(0)}); only retrieval-format records (triplets, "
+                             "BGE rows) can be read as classification")
+        lacking = self._first_without_negatives()
+        if lacking is not None:
+            raise BadRecord(f"{self.where(lacking)}: a record without negatives in {self.name!r}, which "
+                            "data.dataset_tasks makes a classification dataset: each classification record needs "
+                            "its own negatives (other rows of the batch are not its negatives)")
+        self.task = declared
+        return declared
 
     def __len__(self) -> int:
         return len(self.query_bounds)
@@ -61,6 +108,19 @@ class Source:
         if self._negatives_histogram is None:
             self._negatives_histogram = record_arrays.negatives_histogram(self.num_negatives)
         return record_arrays.negatives_shortfall(self._negatives_histogram, k)
+
+    def _first_without_negatives(self) -> int | None:
+        """The index of the first record without negatives, or None (from the histogram, then in chunks)."""
+        if self._negatives_histogram is None:
+            self._negatives_histogram = record_arrays.negatives_histogram(self.num_negatives)
+        if not self._negatives_histogram.get(0):
+            return None
+        step = 1 << 24
+        for start in range(0, len(self), step):
+            hits = np.flatnonzero(np.asarray(self.num_negatives[start:start + step]) == 0)
+            if len(hits):
+                return start + int(hits[0])
+        return None
 
     def _take_bad(self, bad: BadRecords) -> None:
         self.bad_records[bad.path] = bad.count
@@ -83,10 +143,17 @@ class JsonlSource(Source):
         # growing buffers of 8 + 4 + 4 bytes a record ("I" is 4 bytes; a line past 2**32 widens to "q")
         offsets, lengths, lines = array("q"), array("I" if max_record_bytes < 1 << 32 else "q"), array("I")
         stats, bad = record_arrays.RecordStats(), BadRecords(path)
+        first: tuple[str, int] | None = None  # (task, line) of the first good record
         with open(path, "rb") as f:
             for offset, length, line_no, record in scan_lines(
                     f, path, record_format=record_format, max_record_bytes=max_record_bytes,
                     bad=bad if skip_bad_records else None, hint=skip_hint):
+                if first is None:
+                    first = (record.task, line_no)
+                elif record.task != first[0]:  # refused even when skipping bad records: a file error
+                    raise BadRecord(f"{path}:{line_no}: a {record.task} record in a dataset of {first[0]} records "
+                                    f"(from {path}:{first[1]}): one dataset holds one task type (one loss); put "
+                                    "each task type in its own file")
                 offsets.append(offset)
                 lengths.append(length)
                 if line_no >= 1 << 32 and lines.typecode == "I":
@@ -96,10 +163,14 @@ class JsonlSource(Source):
         self._offsets = np.frombuffer(offsets, np.int64)
         self._lengths = np.frombuffer(lengths, np.uint32 if lengths.typecode == "I" else np.int64)
         self.line_numbers = np.frombuffer(lines, np.uint32 if lines.typecode == "I" else np.int64)  # 1-based
-        self.query_bounds, self.passage_bounds, self.num_negatives = stats.arrays()
+        self.query_bounds, self.passage_bounds, self.num_negatives, self.task_ids = stats.arrays()
         self._fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
         self._take_bad(bad)
+        self.task = self.records_task()
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{int(self.line_numbers[i])}"
 
     def records(self, ids: Sequence[int]) -> list[Record]:
         """The records at positions `ids` among the file's good lines (thread-safe)."""
@@ -121,12 +192,21 @@ class TfdsSource(Source):
             raise ImportError(f"{path}: reading a TFDS dataset needs tensorflow-datasets and array-record "
                               f"({e}); pip install 'piccolo-jax[tfds]'") from e
         self.name, self._data = opened.name, opened.records
-        self.query_bounds, self.passage_bounds, self.num_negatives = opened.arrays
+        self.query_bounds, self.passage_bounds, self.num_negatives, self.task_ids = opened.arrays
         self._negatives_histogram = opened.negatives_histogram
         self._decode = tfds_store.decode_example
+        self._line = tfds_store.example_line
         self._example = tfds_store._example_class()
+        self._origin = opened.source or path
         if opened.bad is not None:
             self._take_bad(opened.bad)
+        self.check_one_task()
+        self.task = self.records_task()
+
+    def where(self, i: int) -> str:
+        """"source.jsonl:line" of record i (the JSONL file it was prepared from), read from the record."""
+        (raw,) = self._data.read([i])
+        return f"{self._origin}:{self._line(raw, self._example)}"
 
     def records(self, ids: Sequence[int]) -> list[Record]:
         """The records at positions `ids` (thread-safe: one lock per shard reader)."""

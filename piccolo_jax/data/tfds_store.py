@@ -10,7 +10,8 @@ One dataset, `OUT/<name>/1.0.0/` (written by piccolo_jax.data.prepare):
     piccolo_<array>.npy                        ours: the per-record arrays (record_arrays), memory-mapped
 
 Example features: query, prompt ("" = none) as Text; positives, negatives as Sequence(Text); line
-(int64, 1-based line in the JSONL file). `encode_example` builds the proto directly (~5 us a record,
+(int64, 1-based line in the JSONL file); BGE teacher scores (scored, positive_scores, negative_scores);
+task (Text: "retrieval", "sts", "classification") and label (float32, a scored pair's label; 0 otherwise). `encode_example` builds the proto directly (~5 us a record,
 TFDS's serializer ~40 us), keys sorted so that one input gives the same bytes in every run; a test
 checks it is the proto TFDS's serializer makes and that TFDS's reader decodes it.
 
@@ -39,10 +40,11 @@ from piccolo_jax.data.records import Record
 
 VERSION = "1.0.0"
 SPLIT = "train"
-# Of piccolo_source.json: 3 adds teacher scores; 2 = the same without them (read as records without
-# scores); 1 = piccolo_stats.npz written by TFDS's GeneratorBasedBuilder.
-FORMAT = 3
-READABLE_FORMATS = (2, 3)
+# Of piccolo_source.json: 4 adds task types and labels (and the task_ids array); 3 = teacher scores without
+# them (read as retrieval records); 2 = the same without scores; 1 = piccolo_stats.npz written by TFDS's
+# GeneratorBasedBuilder.
+FORMAT = 4
+READABLE_FORMATS = (2, 3, 4)
 SOURCE_FILE = "piccolo_source.json"
 OLD_STATS_FILE = "piccolo_stats.npz"
 GROUP_SIZE = 32
@@ -77,6 +79,8 @@ def features():
         "scored": np.int64,
         "positive_scores": tfds.features.Sequence(np.float32),
         "negative_scores": tfds.features.Sequence(np.float32),
+        "task": tfds.features.Text(),  # records.TASKS
+        "label": np.float32,  # a scored pair's label (task "sts"); 0 for the other tasks
     })
 
 
@@ -99,6 +103,8 @@ def encode_example(record: Record, line: int, example_class=None) -> bytes:
     feature["scored"].int64_list.value.append(int(scored))
     feature["positive_scores"].float_list.value.extend(record.positive_scores or ())
     feature["negative_scores"].float_list.value.extend(record.negative_scores or ())
+    feature["task"].bytes_list.value.append(record.task.encode("utf-8"))
+    feature["label"].float_list.value.append(record.label if record.label is not None else 0.0)
     return example.SerializeToString(deterministic=True)  # keys sorted: the same bytes in every process
 
 
@@ -107,11 +113,19 @@ def decode_example(raw: bytes, example_class=None) -> Record:
     feature = (example_class or _example_class()).FromString(raw).features.feature
     texts = lambda key: tuple(v.decode("utf-8") for v in feature[key].bytes_list.value)  # noqa: E731
     (query,), (prompt,) = texts("query"), texts("prompt")
+    task = texts("task")[0] if "task" in feature else "retrieval"  # format <= 3: retrieval records only
+    extra = {"task": task}
+    if task == "sts":
+        extra["label"] = float(feature["label"].float_list.value[0])
     if "scored" in feature and feature["scored"].int64_list.value[0]:  # format 2 has no scores
         scores = lambda key: tuple(float(v) for v in feature[key].float_list.value)  # noqa: E731
-        return Record(query, texts("positives"), texts("negatives"), prompt or None,
-                      positive_scores=scores("positive_scores"), negative_scores=scores("negative_scores"))
-    return Record(query, texts("positives"), texts("negatives"), prompt or None)
+        extra.update(positive_scores=scores("positive_scores"), negative_scores=scores("negative_scores"))
+    return Record(query, texts("positives"), texts("negatives"), prompt or None, **extra)
+
+
+def example_line(raw: bytes, example_class=None) -> int:
+    """The JSONL line number a serialized example was read from."""
+    return int((example_class or _example_class()).FromString(raw).features.feature["line"].int64_list.value[0])
 
 
 class ShardWriter:
@@ -190,9 +204,10 @@ class TfdsRecords:
 class OpenedDataset:
     name: str
     records: TfdsRecords
-    arrays: tuple[np.ndarray, np.ndarray, np.ndarray]  # query_bounds, passage_bounds, num_negatives
+    arrays: tuple[np.ndarray, ...]  # record_arrays.ARRAY_NAMES: query_bounds, ..., task_ids
     bad: BadRecords | None  # what was skipped converting it (None: not written by us)
     negatives_histogram: dict[int, int] | None
+    source: str | None = None  # the JSONL file it was prepared from (None: not written by us)
 
 
 def read_source_file(version_dir: str) -> dict | None:
@@ -229,8 +244,10 @@ def open_dataset(path: str, split: str = SPLIT) -> OpenedDataset:
         arrays = record_arrays.load_arrays(path, meta["arrays"], n)
         histogram = {int(k): v for k, v in meta["negatives_histogram"].items()}
     elif os.path.exists(os.path.join(path, OLD_STATS_FILE)):
-        with np.load(os.path.join(path, OLD_STATS_FILE)) as stats:
-            arrays = tuple(record_arrays.narrow(stats[k]) for k in record_arrays.ARRAY_NAMES)
+        with np.load(os.path.join(path, OLD_STATS_FILE)) as stats:  # retrieval records only (no task_ids)
+            arrays = tuple(record_arrays.narrow(stats[k] if k in stats else np.zeros(len(stats["query_bounds"]),
+                                                                                   np.int64))
+                           for k in record_arrays.ARRAY_NAMES)
         if len(arrays[0]) != n:
             raise ValueError(f"{path}/{OLD_STATS_FILE}: {len(arrays[0])} records, but the dataset has {n}")
     else:  # not written by us: read it once
@@ -239,4 +256,4 @@ def open_dataset(path: str, split: str = SPLIT) -> OpenedDataset:
             for raw in records.read(range(start, min(start + 4096, n))):
                 stats.add(decode_example(raw, example))
         arrays = stats.arrays()
-    return OpenedDataset(builder.name, records, arrays, bad, histogram)
+    return OpenedDataset(builder.name, records, arrays, bad, histogram, meta.get("source"))

@@ -4,6 +4,11 @@ Reading accepts `model.safetensors` (single or sharded with an index) or `pytorc
 `weights_only=True`; float16 / bfloat16 are upcast to float32), names with or without a `bert.` prefix,
 and TF-era `gamma` / `beta` LayerNorm names. Every tensor of the name table must be present with the
 expected shape, and every tensor read must be used: anything else stops with an error naming it.
+
+sentence-transformers modules (modules.json): Transformer, then Pooling (mean or cls), then optionally
+one Dense (bias, identity activation: piccolo-large-zh-v2's `2_Dense`, 1,024 -> 1,792) and Normalize.
+Written: `1_Pooling/`, with a Dense head `2_Dense/` (config.json + model.safetensors) and `3_Normalize/`,
+else `2_Normalize/`. Any other module, order or activation is refused naming the file.
 """
 
 from __future__ import annotations
@@ -195,16 +200,24 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------- HF directories
 def load_hf_config(hf_dir: str | os.PathLike, tensor_names=None, **overrides: Any) -> ModelConfig:
-    """ModelConfig from config.json + sentence-transformers pooling files (+ pooler presence)."""
+    """ModelConfig from config.json + sentence-transformers module files (pooling, Dense head, normalisation)
+    (+ pooler presence). A `dense_out_features` override must agree with the directory's Dense module."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
     extra: dict[str, Any] = {}
+    dense = _st_dense_config(hf_dir)
+    extra["dense_out_features"] = 0 if dense is None else int(dense["out_features"])
+    if "dense_out_features" in overrides and overrides["dense_out_features"] != extra["dense_out_features"]:
+        have = "no Dense module" if dense is None else f"a Dense module {dense['in_features']} -> {dense['out_features']}"
+        raise ConversionError(f"{hf_dir} has {have}, but dense_out_features={overrides['dense_out_features']} was "
+                              f"asked for; set model.dense_out_features={extra['dense_out_features']}")
     pooling_cfg = _st_pooling_config(hf_dir)
     if pooling_cfg is not None:
-        if pooling_cfg.get("pooling_mode_mean_tokens"):
+        mode = pooling_cfg.get("pooling_mode")  # sentence-transformers >= 6: "mean", "cls", ...
+        if pooling_cfg.get("pooling_mode_mean_tokens") or mode == "mean":
             extra["pooling"] = "mean"
-        elif pooling_cfg.get("pooling_mode_cls_token"):
+        elif pooling_cfg.get("pooling_mode_cls_token") or mode == "cls":
             extra["pooling"] = "cls"
         else:
             raise ConversionError(f"{hf_dir}: sentence-transformers pooling {pooling_cfg} is not mean or cls")
@@ -212,12 +225,92 @@ def load_hf_config(hf_dir: str | os.PathLike, tensor_names=None, **overrides: An
     if tensor_names is not None:
         extra["add_pooler"] = name_table.has_pooler(tensor_names)
     extra.update(overrides)
-    return ModelConfig.from_json_file(hf_dir / "config.json", **extra)
+    cfg = ModelConfig.from_json_file(hf_dir / "config.json", **extra)
+    if dense is not None and int(dense["in_features"]) != cfg.hidden_size:
+        raise ConversionError(f"{hf_dir / dense['path'] / 'config.json'}: in_features={dense['in_features']}, but "
+                              f"the encoder's hidden_size is {cfg.hidden_size}")
+    return cfg
+
+
+_MODULE_ORDER = ("Transformer", "Pooling", "Dense", "Normalize")  # the kinds we read, in this order
 
 
 def _st_modules(hf_dir: Path) -> list[dict]:
+    """modules.json's entries, checked: kinds we read, in our order, at most one of each."""
     p = hf_dir / "modules.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else []
+    if not p.is_file():
+        return []
+    try:
+        modules = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    unknown = [k for k in kinds if k not in _MODULE_ORDER]
+    if unknown:
+        raise ConversionError(f"{p}: sentence-transformers modules {unknown} are not supported (supported: "
+                              f"{', '.join(_MODULE_ORDER)}, in that order)")
+    order = [_MODULE_ORDER.index(k) for k in kinds]
+    if order != sorted(set(order)):
+        raise ConversionError(f"{p}: modules {kinds}; supported is Transformer, Pooling, then optionally one Dense "
+                              "and one Normalize, in that order")
+    return modules
+
+
+def _st_dense_config(hf_dir: Path) -> dict | None:
+    """The Dense module's config.json (plus its "path"), checked: bias, identity activation; or None."""
+    for m in _st_modules(hf_dir):
+        if str(m.get("type", "")).endswith("Dense"):
+            path = hf_dir / m["path"] / "config.json"
+            try:
+                dense = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConversionError(f"{path}: cannot read the Dense module's config: {e}") from None
+            activation = str(dense.get("activation_function", "torch.nn.modules.activation.Tanh"))
+            if not activation.endswith(".Identity"):
+                raise ConversionError(f"{path}: activation_function {activation!r}; only a linear Dense "
+                                      "(torch.nn.modules.linear.Identity) is supported")
+            if not dense.get("bias", True):
+                raise ConversionError(f"{path}: bias false; only a Dense with bias is supported")
+            if dense.get("use_residual"):
+                raise ConversionError(f"{path}: use_residual true is not supported")
+            for key in ("module_input_name", "module_output_name"):
+                if dense.get(key, "sentence_embedding") != "sentence_embedding":
+                    raise ConversionError(f"{path}: {key}={dense[key]!r}; only a Dense on the sentence embedding "
+                                          "is supported")
+            for key in ("in_features", "out_features"):
+                if isinstance(dense.get(key), bool) or not isinstance(dense.get(key), int) or dense[key] < 1:
+                    raise ConversionError(f"{path}: {key} must be a positive int, got {dense.get(key)!r}")
+            return {**dense, "path": m["path"]}
+    return None
+
+
+def read_dense(hf_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The Dense module's tensors mapped onto {"kernel": [D, E], "bias": [E]} (float32); every tensor of its
+    file used, shapes checked."""
+    hf_dir = Path(hf_dir)
+    dense = _st_dense_config(hf_dir)
+    folder = hf_dir / dense["path"]
+    if (folder / "model.safetensors").is_file():
+        tensors = _read_safetensors(folder / "model.safetensors")
+    elif (folder / "pytorch_model.bin").is_file():
+        tensors = _read_torch_bin(folder / "pytorch_model.bin")
+    else:
+        raise ConversionError(f"{folder}: no model.safetensors or pytorch_model.bin for the Dense module")
+    d, e = cfg.hidden_size, cfg.dense_out_features
+    out = {}
+    for hf_name, ours, _, hook in name_table.dense_table(cfg):
+        if hf_name not in tensors:
+            raise ConversionError(f"{folder}: missing tensor {hf_name!r} of the Dense module ({d} -> {e})")
+        value = np.asarray(hook(np.asarray(tensors[hf_name], np.float32)), np.float32)
+        want = (d, e) if ours.endswith("kernel") else (e,)
+        if value.shape != want:
+            raise ConversionError(f"{folder}: tensor {hf_name!r} has shape {tuple(tensors[hf_name].shape)}, expected "
+                                  f"{tuple(reversed(want))} for a Dense {d} -> {e}")
+        out[ours.split("/")[-1]] = value
+    unused = sorted(set(tensors) - {row.hf for row in name_table.dense_table(cfg)})
+    if unused:
+        raise ConversionError(f"{folder}: unexpected tensors in the Dense module: {unused}")
+    return out
 
 
 def _st_pooling_config(hf_dir: Path) -> dict | None:
@@ -232,11 +325,20 @@ def _st_has_normalize(hf_dir: Path) -> bool:
 
 
 def load_hf_model(hf_dir: str | os.PathLike, **overrides: Any) -> tuple[ModelConfig, dict, dict[str, int]]:
-    """Read an HF directory into (config, params as numpy float32, report of ignored tensors)."""
+    """Read an HF directory into (config, params as numpy float32, report of ignored tensors); a Dense
+    module (`2_Dense/`) becomes params["dense"]."""
     tensors = read_hf_tensors(hf_dir)
     cfg = load_hf_config(hf_dir, tensor_names=tensors.keys(), **overrides)
     params, report = hf_to_params(tensors, cfg, source=str(hf_dir))
+    if cfg.dense_out_features:
+        params["dense"] = read_dense(hf_dir, cfg)
     return cfg, params, report
+
+
+def dense_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our Dense head -> the sentence-transformers Dense module's state dict (linear.weight [E, D], bias)."""
+    return {hf_name: np.ascontiguousarray(hook(np.asarray(_get(params, ours), np.float32)))
+            for hf_name, ours, _, hook in name_table.dense_table(cfg)}
 
 
 def write_hf_dir(dest: str | os.PathLike, cfg: ModelConfig, params: dict, *, side_files_from=None,
@@ -257,22 +359,32 @@ def write_hf_dir(dest: str | os.PathLike, cfg: ModelConfig, params: dict, *, sid
             msl = max_seq_length or cfg.max_position_embeddings
             (tmp / "sentence_bert_config.json").write_text(
                 json.dumps({"max_seq_length": msl, "do_lower_case": False}, indent=2) + "\n")
-        _write_st_modules(tmp, cfg)
+        _write_st_modules(tmp, cfg, params)
 
     return atomic_directory(dest, write, overwrite=overwrite)
 
 
-def _write_st_modules(tmp: Path, cfg: ModelConfig) -> None:
+def _write_st_modules(tmp: Path, cfg: ModelConfig, params: dict) -> None:
     if cfg.pooling == "none":
         return
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
+    if cfg.dense_out_features:  # sentence-transformers' Dense folder: config.json + model.safetensors
+        from safetensors.numpy import save_file
+
+        (tmp / "2_Dense").mkdir()
+        dense = {"in_features": cfg.hidden_size, "out_features": cfg.dense_out_features, "bias": True,
+                 "activation_function": "torch.nn.modules.linear.Identity"}
+        (tmp / "2_Dense" / "config.json").write_text(json.dumps(dense, indent=2) + "\n")
+        save_file(dense_to_hf(params, cfg), str(tmp / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     if cfg.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+        n = len(modules)
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
-        (tmp / "2_Normalize").mkdir()
+        (tmp / f"{n}_Normalize").mkdir()
     (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
     (tmp / "1_Pooling").mkdir()
     pooling = {

@@ -6,6 +6,10 @@ layer (`encoder.layer.3.output.dense.weight` [D, F]), we keep the L layers stack
 shape-asserting transforms: torch `nn.Linear` stores weight as [out, in], we store kernel as [in, out].
 Everything that is not in the table is an error naming the tensor, except the explicit `IGNORED` buffers
 and heads, which are reported.
+
+The Dense head (`dense_out_features` > 0) lives outside the BERT weights, in the sentence-transformers
+module folder `2_Dense/` (its `model.safetensors` or `pytorch_model.bin`): `DENSE` maps that file's
+`linear.weight` [E, D] / `linear.bias` [E] onto our `dense/kernel` [D, E] / `dense/bias`.
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ POOLER = [
     ("pooler.dense.bias", "pooler/bias", identity),
 ]
 
+# The sentence-transformers Dense module's state dict (`2_Dense/`), not part of the BertModel file.
+DENSE = [
+    ("linear.weight", "dense/kernel", transpose),
+    ("linear.bias", "dense/bias", identity),
+]
+
 # Present in some checkpoints, not part of the encoder: verified or reported, never silently dropped.
 IGNORED_BUFFERS = ("embeddings.position_ids",)  # arange(max_positions) buffer of older transformers
 IGNORED_HEAD_PREFIXES = ("cls.",)  # BertForPreTraining's MLM / NSP heads (e.g. bert-base-chinese)
@@ -73,8 +83,14 @@ class Row(NamedTuple):
     hook: Hook
 
 
+def dense_table(cfg: ModelConfig) -> list[Row]:
+    """The tensors of the `2_Dense` module file (empty without a Dense head)."""
+    return [Row(hf, ours, None, hook) for hf, ours, hook in DENSE] if cfg.dense_out_features else []
+
+
 def table(cfg: ModelConfig) -> list[Row]:
-    """Every HF tensor of this config with where it goes, layers expanded (L x 16 layer rows)."""
+    """Every tensor of the BertModel file of this config with where it goes, layers expanded (L x 16 layer
+    rows); the Dense head's are `dense_table`."""
     rows = [Row(hf, ours, None, hook) for hf, ours, hook in EMBEDDINGS]
     for i in range(cfg.num_hidden_layers):
         rows += [Row(hf.format(i=i), ours, i, hook) for hf, ours, hook in LAYER]
