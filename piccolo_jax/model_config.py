@@ -99,6 +99,11 @@ class ModelConfig:
                                "intermediate_size") if k not in hf]
         if missing:
             raise ValueError(f"config.json: missing required fields {missing}")
+        stored, asked = kwargs.get("dense_out_features", 0), overrides.get("dense_out_features")
+        if stored and asked is not None and asked != stored:  # a trained head of another size cannot be read
+            raise ValueError(f"config.json has a Dense head {kwargs.get('hidden_size')} -> {stored} "
+                             f"(dense_out_features={stored}), but dense_out_features={asked} was asked for; set "
+                             f"model.dense_out_features={stored}")
         kwargs.update(overrides)
         return cls(**kwargs)
 

@@ -40,7 +40,7 @@ from piccolo_jax.runtime import configure
 from piccolo_jax.storage import ObjectText, as_path, check_bucket, is_url
 from piccolo_jax.run_dir import (EXIT_USAGE, RunError, UsageError, WorkdirLock, clean_temporaries, export_step,
                                  last_checkpoint_note, run_state)
-from piccolo_jax.train_step import STOP_KEY, TrainState, create_train_state, make_train_step
+from piccolo_jax.train_step import STOP_KEY, TrainState, create_train_state, make_train_step, missing_subtrees
 
 log = logging.getLogger("piccolo_jax")
 
@@ -219,6 +219,9 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
     strategy = cfg.parallel.strategy
     state = create_train_state(model_cfg, optimizer, mesh, strategy, init_key, params=pre.init_params)
     init_note, start = pre.init_note, 0
+    if pre.init_params is not None and missing_subtrees(model_cfg, pre.init_params):
+        init_note += (f"; it has no Dense head: Dense {model_cfg.hidden_size} -> {model_cfg.dense_out_features} "
+                      "initialised at random")
     restored = ckpt.restore_latest(abstract_like(state))
     if restored is not None:
         start, state, loader_state = restored

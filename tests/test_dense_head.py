@@ -132,8 +132,8 @@ def test_with_normalize_the_export_is_2_dense_then_3_normalize(tmp_path):
         "activation_function": "torch.nn.modules.linear.Identity"}
     again_cfg, again, _ = load_hf_model(out)
     assert again_cfg == cfg
-    for a, b in zip(*(np.asarray(x) for x in (params["dense"]["kernel"], again["dense"]["kernel"]))):
-        assert np.array_equal(a, b)
+    for name in ("kernel", "bias"):
+        assert np.array_equal(np.asarray(params["dense"][name]), np.asarray(again["dense"][name])), name
     ref = _st_encode(src, TEXTS)
     np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(Encoder.load(out).encode(TEXTS), ref, atol=1e-5, rtol=0)
@@ -190,3 +190,33 @@ def test_unsupported_dense_modules_are_refused_naming_the_file(v2_dir, tmp_path)
     (missing / "2_Dense" / "pytorch_model.bin").unlink()
     with pytest.raises(ConversionError, match="no model.safetensors or pytorch_model.bin for the Dense module"):
         load_hf_model(missing)
+
+
+def test_an_encoder_without_a_dense_head_starts_one_at_random(tmp_path):
+    """piccolo v2 adds its scaling layer to a pretrained encoder: the Dense head is the random init's, the
+    encoder's parameters are the checkpoint's."""
+    import jax
+
+    from piccolo_jax.model import init_params
+    from piccolo_jax.optim import OptimConfig, make_optimizer
+    from piccolo_jax.sharding import MeshConfig, make_mesh
+    from piccolo_jax.train_step import create_train_state, missing_subtrees
+
+    plain = tmp_path / "plain"
+    st.SentenceTransformer(str(_st_dir(tmp_path, "v2", seed=3) / ""), device="cpu")[0].save(str(plain))
+    cfg, params, _ = load_hf_model(plain, dense_out_features=OUT)
+    assert cfg.dense_out_features == OUT and "dense" not in params
+    assert missing_subtrees(cfg, params) == ("dense",)
+    mesh = make_mesh(MeshConfig(data=-1, strategy="zero1"))
+    optimizer = make_optimizer(OptimConfig(), total_steps=4)
+    key = jax.random.key(5)
+    state = create_train_state(cfg, optimizer, mesh, "zero1", key, params=params)
+    fresh = jax.jit(init_params, static_argnums=0)(cfg, key)
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(np.asarray(state.params["dense"][name]), np.asarray(fresh["dense"][name]))
+    np.testing.assert_array_equal(np.asarray(state.params["embeddings"]["word"]["embedding"]),
+                                  params["embeddings"]["word"]["embedding"])
+    with pytest.raises(ValueError, match=r"unexpected \['head'\], missing \[\]"):
+        missing_subtrees(cfg, {**params, "dense": {}, "head": {}})
+    with pytest.raises(ValueError, match=r"missing \[.*'embeddings'"):
+        missing_subtrees(cfg, {k: v for k, v in params.items() if k != "embeddings"})

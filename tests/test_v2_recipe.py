@@ -177,3 +177,21 @@ def test_loss_and_width_settings_are_checked_before_anything_runs(tmp_path):
                         "loss.matryoshka_dims=[16, 200]"], cwd=ROOT, env=env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "exceed the embedding width 112" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_init_from_an_encoder_without_a_dense_head_adds_one(v2_run, tmp_path):
+    """piccolo v2 starts its scaling layer at random on a pretrained encoder (here a random transformers
+    BertModel of the tiny shape); a trained Dense head of another size is refused in one line."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=21128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=256)).save_pretrained(str(bert))
+    BertTokenizerFast.from_pretrained(str(ROOT / "assets" / "tokenizer")).save_pretrained(str(bert))
+    r = _train(tmp_path / "from_bert", "run.steps=2", f'init="{bert}"')
+    assert "it has no Dense head: Dense 64 -> 112 initialised at random" in r.stdout + r.stderr
+    workdir, _ = v2_run
+    bad = run(tmp_path / "no_dense", "run.steps=1", f'init="{workdir}"', stage="finetune", fast=False, expect=2)
+    assert "has a Dense head 64 -> 112 (dense_out_features=112), but dense_out_features=0 was asked for; set " \
+           "model.dense_out_features=112" in bad.stderr, bad.stderr[-2000:]

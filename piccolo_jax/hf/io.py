@@ -201,17 +201,20 @@ def params_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------- HF directories
 def load_hf_config(hf_dir: str | os.PathLike, tensor_names=None, **overrides: Any) -> ModelConfig:
     """ModelConfig from config.json + sentence-transformers module files (pooling, Dense head, normalisation)
-    (+ pooler presence). A `dense_out_features` override must agree with the directory's Dense module."""
+    (+ pooler presence). A `dense_out_features` override must agree with the directory's Dense module, if it
+    has one (without, a Dense head of that size is added: load_hf_model leaves it out of the params, to be
+    initialised)."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
     extra: dict[str, Any] = {}
     dense = _st_dense_config(hf_dir)
     extra["dense_out_features"] = 0 if dense is None else int(dense["out_features"])
-    if "dense_out_features" in overrides and overrides["dense_out_features"] != extra["dense_out_features"]:
-        have = "no Dense module" if dense is None else f"a Dense module {dense['in_features']} -> {dense['out_features']}"
-        raise ConversionError(f"{hf_dir} has {have}, but dense_out_features={overrides['dense_out_features']} was "
-                              f"asked for; set model.dense_out_features={extra['dense_out_features']}")
+    asked = overrides.get("dense_out_features")
+    if dense is not None and asked is not None and asked != extra["dense_out_features"]:
+        raise ConversionError(f"{hf_dir} has a Dense module {dense['in_features']} -> {dense['out_features']}, but "
+                              f"dense_out_features={asked} was asked for; set model.dense_out_features="
+                              f"{extra['dense_out_features']}")
     pooling_cfg = _st_pooling_config(hf_dir)
     if pooling_cfg is not None:
         mode = pooling_cfg.get("pooling_mode")  # sentence-transformers >= 6: "mean", "cls", ...
@@ -326,11 +329,12 @@ def _st_has_normalize(hf_dir: Path) -> bool:
 
 def load_hf_model(hf_dir: str | os.PathLike, **overrides: Any) -> tuple[ModelConfig, dict, dict[str, int]]:
     """Read an HF directory into (config, params as numpy float32, report of ignored tensors); a Dense
-    module (`2_Dense/`) becomes params["dense"]."""
+    module (`2_Dense/`) becomes params["dense"]. A `dense_out_features` override on a directory without
+    one leaves params["dense"] out (`train_step.create_train_state` initialises it)."""
     tensors = read_hf_tensors(hf_dir)
     cfg = load_hf_config(hf_dir, tensor_names=tensors.keys(), **overrides)
     params, report = hf_to_params(tensors, cfg, source=str(hf_dir))
-    if cfg.dense_out_features:
+    if cfg.dense_out_features and _st_dense_config(Path(hf_dir)) is not None:
         params["dense"] = read_dense(hf_dir, cfg)
     return cfg, params, report
 
