@@ -32,9 +32,8 @@ from typing import Any, Callable
 import jax
 
 from piccolo_jax import losses, task_losses
+from piccolo_jax.data.records import TASKS
 from piccolo_jax.matryoshka import matryoshka
-
-TASKS = ("retrieval", "sts", "classification")
 LossFn = Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, dict]]
 
 

@@ -71,7 +71,8 @@ def truncate_embeddings(e_nd: np.ndarray, dim: int, normalize: bool = True) -> n
 
 def embed(cfg: ModelConfig, params: Any, input_ids_bt: jax.Array, attention_mask_bt: jax.Array,
           normalize: bool = True) -> jax.Array:
-    """Pure, jittable: token ids [B, T] + mask [B, T] -> float32 sentence embeddings [B, D].
+    """Pure, jittable: token ids [B, T] + mask [B, T] -> float32 sentence embeddings [B, E] (E = the Dense
+    head's width, else the hidden size D).
 
     Pooling follows `cfg.pooling`; `normalize` decides the L2 normalisation (whatever `cfg.normalize`
     says), so `normalize=False` gives the raw pooled vector. Pass `params` as an argument of your own
