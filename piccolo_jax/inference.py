@@ -21,8 +21,15 @@ How a call to `Encoder.encode` spends its compute:
 again (for a model trained with Matryoshka losses at d; the same as truncating the raw vector and
 normalising). `Encoder(..., packing=False)` pads instead (one text per row, rows padded to their bucket; the same
 embeddings). `embed` is the array-level function (token ids -> embeddings) for use inside other JAX
-programs. The Encoder drives the devices of one process (single-host); it does not split texts across
-hosts.
+programs.
+
+Multi-process (after `jax.distributed.initialize`; the default mesh then holds every process's devices):
+every process calls `encode` with the same texts and derives the same batch plan (the same tokens, the
+same batch-shard count S as one process over all devices, so the same batches), without talking. Each
+process packs and runs only the blocks of its own devices (`jax.make_array_from_callback`), each device
+computes exactly the block it would compute in one process over all devices, and at the end of the call
+`distributed.gather_rows` copies every process's rows to every process: the embeddings are bit-identical
+to one process's. A mesh of this process's devices only (`mesh=`) encodes everything locally instead.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from piccolo_jax import packing, sharding
+from piccolo_jax import distributed, packing, sharding
 from piccolo_jax.model import abstract_model
 from piccolo_jax.model import encode as model_encode
 from piccolo_jax.model import encode_packed
@@ -160,7 +167,10 @@ class Encoder:
         self.tokens_per_batch = tokens_per_batch
         _, abstract, logical = abstract_model(cfg)
         self.param_shardings = sharding.param_shardings(abstract, logical, mesh, strategy)
-        self.params = jax.device_put(params, self.param_shardings)
+        me = jax.process_index()
+        self.spans_processes = any(d.process_index != me for d in mesh.devices.flat)  # multi-process mesh
+        self.params = _place(params, self.param_shardings) if self.spans_processes else \
+            jax.device_put(params, self.param_shardings)
         self.num_shards = sharding.data_parallel_size(mesh)
         self.packing = packing
         self._fns: dict[bool, Callable] = {}
@@ -280,6 +290,7 @@ class Encoder:
         if budget < 1:
             raise ValueError(f"tokens_per_batch={budget} must be positive")
         out_nd = np.zeros((len(texts), self.dim), dtype=np.float32)
+        owners_n = np.zeros(len(texts), np.int32) if self.spans_processes else None  # process of each row
         progress = _progress(len(texts), show_progress)
         for start in range(0, len(texts), CHUNK_TEXTS):  # bounded host memory for the token ids
             token_ids = self.tokenizer.token_ids(texts[start:start + CHUNK_TEXTS], max_length, prefix)
@@ -287,36 +298,63 @@ class Encoder:
             if self.packing:
                 plans = packing.plan_packed_batches(lengths_n, budget, lambda n: bucket_length(n, max_length),
                                                     self.num_shards, batch_size)
-                for batch, e_bsd in self._run(None, token_ids, plans, normalize):
+                for batch, e_bsd, owners in self._run(None, token_ids, plans, normalize):
                     out_nd[start + batch.texts] = e_bsd[batch.block, batch.slot]
+                    if owners_n is not None:
+                        owners_n[start + batch.texts] = owners[batch.block]
                     progress.update(len(batch.texts))
                 continue
             batches = plan_batches(lengths_n, budget, max_length, self.num_shards, batch_size)
-            for batch, e_bd in self._run(self.embed_fn(normalize), token_ids, batches, normalize):
+            for batch, e_bd, owners in self._run(self.embed_fn(normalize), token_ids, batches, normalize):
                 out_nd[start + batch.rows] = e_bd[:len(batch.rows)]
+                if owners_n is not None:
+                    owners_n[start + batch.rows] = owners[:len(batch.rows)]
                 progress.update(len(batch.rows))
         progress.close()
+        if owners_n is not None:  # every process's rows to every process, in input order
+            out_nd = distributed.gather_rows(out_nd, owners_n)
         if dim is not None:
             out_nd = truncate_embeddings(out_nd, int(dim), normalize)
         return out_nd[0] if single else out_nd
 
-    def _run(self, fn, token_ids, batches: list, normalize: bool) -> Iterator[tuple[Any, np.ndarray]]:
+    def _run(self, fn, token_ids, batches: list, normalize: bool
+             ) -> Iterator[tuple[Any, np.ndarray, np.ndarray | None]]:
         """Dispatch batches asynchronously; fetch each result two batches later (bounded device memory).
-        `fn` None: packed batches (`packing.PackedBatch`), each through `packed_fn`."""
+        `fn` None: packed batches (`packing.PackedBatch`), each through `packed_fn`.
+
+        Yields (batch, result, owners): one process, the whole result and None; a mesh over several
+        processes, the result with this process's rows filled (the rest zero) and the process owning
+        each index of its axis 0 (a block, or a row)."""
         pending: collections.deque = collections.deque()
+
+        def fetch():
+            done, e = pending.popleft()
+            if not self.spans_processes:
+                return done, np.asarray(e), None
+            host = np.zeros(e.shape, e.dtype)
+            for shard in e.addressable_shards:
+                host[shard.index] = np.asarray(shard.data)
+            return done, host, distributed.owner_processes(e.sharding, e.shape)
+
         for batch in batches:
             if fn is None:
                 arrays = packing.pack_inference_batch(token_ids, batch, self.tokenizer.pad_id)
-                result = self.packed_fn(batch.num_slots, normalize)(self.params, *arrays)
+                result = self.packed_fn(batch.num_slots, normalize)(self.params, *self._rows(arrays))
             else:
-                result = fn(self.params, *pack_batch(token_ids, batch, self.tokenizer.pad_id))
+                result = fn(self.params, *self._rows(pack_batch(token_ids, batch, self.tokenizer.pad_id)))
             pending.append((batch, result))
             if len(pending) > 2:
-                done, e_bd = pending.popleft()
-                yield done, np.asarray(e_bd)
+                yield fetch()
         while pending:
-            done, e_bd = pending.popleft()
-            yield done, np.asarray(e_bd)
+            yield fetch()
+
+    def _rows(self, arrays: Sequence[np.ndarray]) -> Sequence:
+        """Host rows as the batch-sharded inputs of a compiled call: numpy as it is in one process; over
+        several processes, global arrays of which this process supplies its own devices' rows."""
+        if not self.spans_processes:
+            return arrays
+        rows = sharding.batch_sharding(self.mesh, 2)
+        return [jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in arrays]
 
 
 def default_mesh(strategy: str = "dp"):
@@ -326,6 +364,17 @@ def default_mesh(strategy: str = "dp"):
     mesh_cfg = sharding.MeshConfig(data=-1, strategy="dp") if strategy == "dp" else \
         sharding.MeshConfig(data=1, fsdp=-1, strategy="fsdp")
     return sharding.make_mesh(mesh_cfg)
+
+
+def _place(params: Any, shardings: Any) -> Any:
+    """Parameters onto shardings that span processes: each process supplies its own devices' pieces
+    (every process holds the same values); arrays already global are resharded."""
+    def put(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, s)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+    return jax.tree.map(put, params, shardings)
 
 
 def _prefix(kind: str | None) -> str:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from piccolo_jax import sharding
+from piccolo_jax import distributed, sharding
 from piccolo_jax.inference import QUERY_PREFIX
 
 
@@ -81,6 +81,10 @@ def top_k_search(queries_qd: np.ndarray, corpus_cd: np.ndarray, k: int, *, mesh=
     For L2-normalised embeddings the inner product is the cosine similarity. `corpus_cd` may be a
     numpy memmap: each device's rows are read straight into its shard. Equal scores rank the lower
     corpus index first.
+
+    Over a mesh that spans processes every process passes the same queries and corpus, supplies the
+    corpus rows of its own devices, and receives the same (replicated) result; each device scans the
+    rows it scans in one process over the same devices, so the lists are identical.
     """
     from piccolo_jax.inference import default_mesh
 
@@ -107,6 +111,8 @@ def top_k_search(queries_qd: np.ndarray, corpus_cd: np.ndarray, k: int, *, mesh=
     rows = sharding.batch_sharding(mesh, 2)
     c_rd = jax.make_array_from_callback((n_dev * rows_per_device, dim), rows, shard)
     fn = _search_fn(mesh, n_c, blocks, block, k)
+    me = jax.process_index()
+    spans = any(d.process_index != me for d in mesh.devices.flat)  # every process passes the same queries
     n_q = len(queries_qd)
     q_block = min(query_block, max(8, -(-n_q // 8) * 8))
     scores, indices = np.zeros((n_q, k), np.float32), np.zeros((n_q, k), np.int64)
@@ -114,6 +120,7 @@ def top_k_search(queries_qd: np.ndarray, corpus_cd: np.ndarray, k: int, *, mesh=
     for start in range(0, n_q, q_block):
         q = np.zeros((q_block, dim), np.float32)
         q[:min(q_block, n_q - start)] = queries_qd[start:start + q_block]
+        q = distributed.to_global(q, sharding.replicated(mesh)) if spans else q
         pending.append((start, fn(q, c_rd)))  # dispatched asynchronously
         if len(pending) > 2:
             _collect(pending.pop(0), scores, indices)

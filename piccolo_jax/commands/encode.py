@@ -9,6 +9,11 @@ in memory) and OUTPUT with suffix .ids.txt (one id per line, row i of the matrix
 skipped (they keep their line numbers, so ids stay exact) and counted. A .jsonl input needs --field
 (refused otherwise, listing the fields of its first record); every line is checked before the model
 loads. Both files appear only when complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by the encoder.
+
+Multi-host: run the same command in every process with --coordinator HOST:PORT --num-processes N
+--process-id I (or under SLURM / on a TPU pod); every process reads the input, encodes its share of each
+chunk on its own devices, receives the others' rows, and process 0 writes the files (the same bytes as
+one process over all the devices would write). The others exit 0 when it is done.
 """
 
 from __future__ import annotations
@@ -32,34 +37,40 @@ def chunks(items: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[s
         yield ids, texts
 
 
-def write_embeddings(enc, items, n_texts: int, out_path: Path, ids_path: Path, args, progress) -> int:
-    """Encode chunk by chunk into a [n_texts, D] float32 .npy memory map; returns the rows written."""
+def write_embeddings(enc, items, n_texts: int, out_path: Path | None, ids_path: Path | None, args, progress) -> int:
+    """Encode chunk by chunk into a [n_texts, D] float32 .npy memory map; returns the rows written.
+    Paths None (a process other than 0 of a multi-process run): encode, write nothing."""
     import numpy as np
 
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n_texts, enc.dim))
+    out = None if out_path is None else \
+        np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n_texts, enc.dim))
     kind = None if args.kind == "none" else args.kind
     written = 0
-    with open(ids_path, "w", encoding="utf-8") as ids_file:
+    with open(os.devnull if ids_path is None else ids_path, "w", encoding="utf-8") as ids_file:
         for ids, texts in chunks(items, args.chunk_size):
             if written + len(texts) > n_texts:
                 raise ValueError(f"{args.input}: changed while reading (more than {n_texts} texts)")
-            out[written:written + len(texts)] = enc.encode(texts, kind=kind, batch_size=args.batch_size,
-                                                           tokens_per_batch=args.tokens_per_batch,
-                                                           normalize=not args.no_normalize)
+            e_nd = enc.encode(texts, kind=kind, batch_size=args.batch_size, tokens_per_batch=args.tokens_per_batch,
+                              normalize=not args.no_normalize)
+            if out is not None:
+                out[written:written + len(texts)] = e_nd
             ids_file.writelines(i + "\n" for i in ids)
             written += len(texts)
             if progress is not None:
                 progress.update(len(texts))
-    out.flush()
+    if out is not None:
+        out.flush()
     return written
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.errors import Parser, run_guarded
+    from piccolo_jax.distributed import add_distributed_arguments, run_command
     from piccolo_jax.inference import add_encoder_arguments
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
+    add_distributed_arguments(p, heartbeat=True)
     p.add_argument("--input", required=True, type=Path, help="JSONL (with --field) or text file, one text per line")
     p.add_argument("--field", default=None, help="JSONL field holding the text (required for .jsonl; omit for a "
                    "plain text file)")
@@ -75,11 +86,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("--id-field needs --field (a JSONL input)")
     if args.chunk_size < 1:
         p.error("--chunk-size must be positive")
-    return run_guarded(p.prog, lambda: run(args))
+    outputs = (args.output, args.output.with_suffix(".ids.txt"))
+    return run_command(p.prog, args, lambda: run_guarded(p.prog, lambda: run(args)), command="encode", argv=argv,
+                       outputs=outputs)
 
 
 def run(args) -> int:
     from piccolo_jax.commands.errors import InputError
+    from piccolo_jax.distributed import is_main_process, temp_path
     from piccolo_jax.inference import encoder_from_args
     from piccolo_jax.text_files import check_text_input, count_lines, iter_texts
 
@@ -91,18 +105,20 @@ def run(args) -> int:
         for _ in iter_texts(args.input, args.field, args.id_field):
             pass
     enc = encoder_from_args(args)
+    items = iter_texts(args.input, args.field, args.id_field)
+    if not is_main_process():  # encode its share, receive the rest, write nothing
+        write_embeddings(enc, items, n_texts, None, None, args, None)
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     ids_path = args.output.with_suffix(".ids.txt")
-    tmp_out = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
-    tmp_ids = ids_path.with_name(f".{ids_path.name}.tmp-{os.getpid()}")
+    tmp_out, tmp_ids = temp_path(args.output), temp_path(ids_path)
     progress = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=n_texts, unit="text", desc=f"encode {args.input.name}")
     try:
-        written = write_embeddings(enc, iter_texts(args.input, args.field, args.id_field), n_texts, tmp_out, tmp_ids,
-                                   args, progress)
+        written = write_embeddings(enc, items, n_texts, tmp_out, tmp_ids, args, progress)
         if written != n_texts:
             raise InputError(f"{args.input}: changed while reading ({written} texts, counted {n_texts})")
         os.replace(tmp_out, args.output)

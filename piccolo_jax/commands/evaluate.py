@@ -23,6 +23,11 @@ Queries are encoded with piccolo's "查询: " prefix and passages with "结果: 
 C-MTEB table, run the C-MTEB tasks with --mteb-tasks (the `mteb` package; each task's data must be in
 the Hugging Face datasets cache, e.g. downloaded once online), or export each dataset into these layouts.
 Retrieval numbers equal trec_eval's (pytrec_eval, as mteb uses it) on the same ranking.
+
+Multi-host (local TASK paths): the same command in every process with --coordinator HOST:PORT
+--num-processes N --process-id I (or under SLURM / on a TPU pod); each process encodes its share of the
+texts on its own devices, every process computes the metrics on the gathered embeddings (the numbers one
+process over all the devices gives), and process 0 prints the table and writes --output.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from piccolo_jax.distributed import add_distributed_arguments, multi_process, run_command
     from piccolo_jax.inference import add_encoder_arguments
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
+    add_distributed_arguments(p, heartbeat=True)
     p.add_argument("tasks", nargs="*", metavar="TASK", help="task directory / .jsonl file, or a folder of them")
     p.add_argument("--mteb-tasks", default=None, metavar="NAME[,NAME...]",
                    help="also run these mteb tasks (e.g. T2Retrieval,AFQMC) with the mteb package, on data in the "
@@ -60,10 +67,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("nothing to evaluate: give TASK paths and/or --mteb-tasks NAMES")
     if args.top_k < 10:
         p.error(f"--top-k {args.top_k}: ndcg@10 and mrr@10 need at least 10")
-    return run_guarded(p.prog, lambda: run(args, names))
+    if names and multi_process(args):
+        p.error("--mteb-tasks runs in one process; evaluate local TASK paths across processes")
+    return run_command(p.prog, args, lambda: run_guarded(p.prog, lambda: run(args, names)), command="evaluate",
+                       argv=argv, outputs=() if args.output is None else (args.output,))
 
 
 def run(args, mteb_names: list[str]) -> int:
+    from piccolo_jax.distributed import is_main_process
     from piccolo_jax.evaluation import evaluate_task, evaluate_task_at_dims, find_tasks, format_table, load_task
     from piccolo_jax.inference import encoder_from_args
 
@@ -93,6 +104,8 @@ def run(args, mteb_names: list[str]) -> int:
                          "seconds": round(time.perf_counter() - start, 3)}
         if by_dim is not None:
             results[name]["dims"] = {str(d): m for d, m in by_dim.items()}
+    if not is_main_process():  # every process computed the same metrics; process 0 reports them
+        return 0
     if results:
         print(format_table(results), end="")
     mteb_results = {}
@@ -149,7 +162,9 @@ def format_mteb_table(results: dict) -> str:
 
 def _write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    from piccolo_jax.distributed import temp_path
+
+    tmp = temp_path(path)
     try:
         tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)

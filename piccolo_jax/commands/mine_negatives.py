@@ -12,6 +12,11 @@ Output: {"text": q, "text_pos": p, "text_neg": [n1, ...]} per positive (--format
 [START, END) of the exact cosine search, never a positive of the query nor the query itself, drawn
 uniformly (seeded per query) and listed in rank order; rows whose window holds too few candidates get
 fewer negatives and are counted. The output file appears only when complete.
+
+Multi-host: the same command in every process with --coordinator HOST:PORT --num-processes N
+--process-id I (or under SLURM / on a TPU pod); each process encodes its share on its own devices, the
+search runs over every process's devices, and process 0 writes the output (the lists one process over all
+the devices writes). The others exit 0 when it is done.
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from piccolo_jax.distributed import add_distributed_arguments, run_command
     from piccolo_jax.inference import add_encoder_arguments
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
+    add_distributed_arguments(p, heartbeat=True)
     p.add_argument("--input", required=True, type=Path, help="training JSONL (uniem or BGE records)")
     p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
     p.add_argument("--corpus", type=Path, default=None, help="passages to mine from (default: the input's)")
@@ -84,10 +91,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("--num-negatives must be positive")
     if args.corpus_field is not None and args.corpus is None:
         p.error("--corpus-field needs --corpus")
-    return run_guarded(p.prog, lambda: run(args))
+    return run_command(p.prog, args, lambda: run_guarded(p.prog, lambda: run(args)), command="mine", argv=argv,
+                       outputs=(args.output,))
 
 
 def run(args) -> int:
+    from piccolo_jax.distributed import is_main_process, temp_path
     from piccolo_jax.inference import encoder_from_args
     from piccolo_jax.mining import mine_negatives, rows_for_output
 
@@ -100,14 +109,17 @@ def run(args) -> int:
         raise InputError(f"{args.input}: records carry a 'prompt', which the uniem format cannot hold; "
                          "use --format bge")
     enc = encoder_from_args(args)
+    main = is_main_process()  # every process encodes and searches; process 0 writes
     mined, stats = mine_negatives(
         enc, records, corpus, window=(start, end), num_negatives=args.num_negatives, seed=args.seed,
         instructions=not args.no_instructions, query_max_length=args.query_max_length,
         passage_max_length=args.passage_max_length, batch_size=args.batch_size,
-        tokens_per_batch=args.tokens_per_batch, show_progress=not args.no_progress)
+        tokens_per_batch=args.tokens_per_batch, show_progress=main and not args.no_progress)
     rows = rows_for_output(mined, args.format)
+    if not main:
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
+    tmp = temp_path(args.output)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
