@@ -96,7 +96,10 @@ def reference_task_loss(task: str, batch: dict, cfg: LossConfig, q, p, n):
 
 @functools.cache
 def reference(task: str, matryoshka: bool) -> tuple[float, dict]:
-    """(loss, gradient) of the global batch on one device, float64 numpy."""
+    """(loss, gradient) of the global batch on one device, unchunked and unsharded, in float32 (returned as
+    float64): the encoder and the task losses are each proven against outside references in their own tests
+    (transformers.BertModel; sentence-transformers / numpy), so this checks what the step adds: chunking,
+    sharding, the task switch and the weights."""
     cfg = LossConfig(**{**LOSS.__dict__, **(MATRYOSHKA if matryoshka else {})})
     batch = make_batch(task)
     dev = jax.devices()[0]

@@ -52,7 +52,7 @@ def st_matryoshka(make_loss, columns, labels, weights):
     return loss.item(), [x.grad.numpy() for x in leaves]
 
 
-def assert_grads_close(got, want, rtol=1e-4):
+def assert_grads_close(got, want, rtol=1e-5):
     for g, w in zip(got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * np.max(np.abs(w)) + 1e-9)

@@ -44,7 +44,7 @@ def unit64(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def assert_grads_close(got, want, rtol=1e-4):
+def assert_grads_close(got, want, rtol=1e-5):
     """float32 gradients against float64 ones: relative to the largest entry of the reference."""
     for g, w in zip(got, want):
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
