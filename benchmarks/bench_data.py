@@ -2,11 +2,14 @@
 
     python benchmarks/bench_data.py                  # both stages, a few worker counts
     python benchmarks/bench_data.py --stage finetune --workers 2 --batches 20
+    python benchmarks/bench_data.py --packing none --packing 8x4   # padded, and packed for 8 shards x 4 chunks
 
 An example is one query with its positive (and K hard negatives in finetune). The data is synthetic
 Chinese text with some English, written to a temporary directory, with piccolo's lengths: finetune
 queries 8..40 characters, passages 150..700 characters (many reach the 512-token cap), 7 negatives;
-pretrain 8..60 and 30..200 characters, both capped at 128 tokens. `measure_rate` is importable.
+pretrain 8..60 and 30..200 characters, both capped at 128 tokens. Batches come padded, or packed
+(`data.packing`, the training default) for S batch shards x C gradient-caching chunks: the loader then
+also bounds every text of the batch and plans the packed rows. `measure_rate` is importable.
 """
 
 from __future__ import annotations
@@ -62,12 +65,12 @@ def write_synthetic(directory: str, stage: str, rows: int, datasets: int = 2, se
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def measure(stage: str = "finetune", global_batch_size: int = 256, batches: int = 8,
+def measure(stage: str = "finetune", global_batch_size: int = 256, batches: int = 32,
             num_workers: int = 2, prefetch: int = 4, data_dir: str | None = None,
-            tokenizer: Tokenizer | None = None) -> dict[str, float]:
+            tokenizer: Tokenizer | None = None, packing: tuple[int, int] | None = None) -> dict[str, float]:
     """{"rate": examples per wall second, "cpu_rate": examples per CPU second of this process} of the
-    full pipeline for `stage`; the first batch (warm-up) is not timed. Writes synthetic data to a
-    temporary directory unless `data_dir` holds it already."""
+    full pipeline for `stage`, padded or packed for `packing` = (shards, chunks); the first batch
+    (warm-up) is not timed. Writes synthetic data to a temporary directory unless `data_dir` holds it."""
     tokenizer = tokenizer or Tokenizer.from_dir(TOKENIZER_DIR)
     _, _, k, query_len, passage_len = STAGES[stage]
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,6 +81,8 @@ def measure(stage: str = "finetune", global_batch_size: int = 256, batches: int 
                          query_max_length=query_len, passage_max_length=passage_len,
                          num_workers=num_workers, prefetch=prefetch)
         with make_loader(cfg, tokenizer) as loader:
+            if packing:
+                loader.enable_packing(*packing)
             next(loader)
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(batches):
@@ -105,7 +110,7 @@ def measure_hf_collator(stage: str, data_dir: str, global_batch_size: int = 256,
             rows += [json.loads(line) for line in f]
     start = time.perf_counter()
     for i in range(batches):
-        chunk = rows[i * global_batch_size:(i + 1) * global_batch_size]
+        chunk = [rows[(i * global_batch_size + j) % len(rows)] for j in range(global_batch_size)]
         reference(["查询: " + r["text"] for r in chunk], padding="longest", truncation=True,
                   max_length=query_len, return_tensors="np")
         passages = ["结果: " + p for r in chunk for p in [r["text_pos"], *r.get("text_neg", [])[:k]]]
@@ -148,7 +153,8 @@ def measure_step_rate(stage: str, batch: int, steps: int = 2) -> float:
 
 
 def _rows_needed(global_batch_size: int, batches: int) -> int:
-    return global_batch_size * (batches + 1) // 2 + global_batch_size  # per dataset, 2 datasets
+    """Records per dataset (2 datasets): up to 8 batches without a repeat, then later passes reread them."""
+    return global_batch_size * (min(batches, 8) + 1) // 2 + global_batch_size
 
 
 def main() -> None:
@@ -156,7 +162,10 @@ def main() -> None:
     parser.add_argument("--stage", choices=sorted(STAGES), action="append", help="default: both")
     parser.add_argument("--workers", type=int, action="append", help="default: 0, 1, 2")
     parser.add_argument("--batch", type=int, default=256, help="global batch size")
-    parser.add_argument("--batches", type=int, default=8, help="timed batches")
+    parser.add_argument("--batches", type=int, default=32, help="timed batches (>> prefetch: prefetched "
+                        "batches built during the warm-up are not work of the timed window)")
+    parser.add_argument("--packing", action="append", metavar="SxC|none",
+                        help="padded ('none') or packed for S shards x C chunks; default: none, 8x4")
     parser.add_argument("--no-step", action="store_true", help="skip the train-step rate (BERT-base on CPU)")
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(TOKENIZER_DIR)
@@ -165,11 +174,15 @@ def main() -> None:
         _, _, k, q, p = STAGES[stage]
         with tempfile.TemporaryDirectory() as tmp:
             write_synthetic(tmp, stage, rows=_rows_needed(args.batch, args.batches))
-            for workers in args.workers or [0, 1, 2]:
-                m = measure(stage, args.batch, args.batches, workers, data_dir=tmp, tokenizer=tokenizer)
-                print(f"{stage:8s} query {q} / passage {p}, K={k}, batch {args.batch}, workers {workers}: "
-                      f"{m['rate']:7.1f} examples/s ({m['rate'] * (2 + k):7.1f} texts/s), "
-                      f"{m['cpu_rate']:7.1f} examples per CPU-s")
+            for layout in args.packing or ["none", "8x4"]:
+                pack = None if layout == "none" else tuple(int(x) for x in layout.split("x"))
+                for workers in args.workers or [0, 1, 2]:
+                    m = measure(stage, args.batch, args.batches, workers, data_dir=tmp, tokenizer=tokenizer,
+                                packing=pack)
+                    name = "padded" if pack is None else f"packed {pack[0]}x{pack[1]}"
+                    print(f"{stage:8s} query {q} / passage {p}, K={k}, batch {args.batch}, {name}, workers "
+                          f"{workers}: {m['rate']:7.1f} examples/s ({m['rate'] * (2 + k):7.1f} texts/s), "
+                          f"{m['cpu_rate']:7.1f} examples per CPU-s")
             hf = measure_hf_collator(stage, tmp, args.batch, args.batches)
             print(f"{stage:8s} transformers.AutoTokenizer alone (PyTorch collators): {hf:7.1f} examples/s")
             if not args.no_step:

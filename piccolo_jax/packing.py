@@ -38,6 +38,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from piccolo_jax.ragged import Ragged
+
 HEADROOM = 0.05  # rows above the most seen in the sampled batches
 SAMPLE_STEPS = 64  # batches sampled to size R
 SAMPLE_TEXTS = 500_000  # at most this many texts sampled (large global batches: fewer steps)
@@ -119,62 +121,89 @@ def with_headroom(rows: int, most: int) -> int:
     return min(most, rows + int(HEADROOM * rows))
 
 
-def pack_side(token_ids: Sequence[Sequence[int]], bound_rows: np.ndarray, bound_offsets: np.ndarray,
+def _pack_blocks(texts: Ragged, blocks: int, bound_rows: np.ndarray, bound_offsets: np.ndarray,
+                 num_rows: int, length: int, pad_id: int) -> tuple[dict[str, np.ndarray], int]:
+    """Pack `blocks` blocks of texts (`texts`: blocks x slots rows, block-major, slot order) into ids /
+    positions / segments [blocks x num_rows, length] int32, block j in rows [j num_rows, (j + 1) num_rows).
+
+    Per block: first fit of the real token counts when it fits `num_rows`, else the bounds' layout
+    (`bound_rows`, `bound_offsets` [blocks, slots], from `first_fit` of upper bounds, which fits). Token u of
+    slot i goes to row j num_rows + row[j, i], column offset[j, i] + u. Returns the arrays and the real tokens.
+    """
+    lengths = texts.lengths.reshape(blocks, -1)
+    used, rows, offsets = first_fit(lengths, length)
+    fallback = used > num_rows
+    rows = np.where(fallback[:, None], bound_rows, rows)
+    offsets = np.where(fallback[:, None], bound_offsets, offsets)
+    placed = lengths > 0
+    bad = placed & ((rows >= num_rows) | (offsets + lengths > length))
+    if bad.any():
+        j, i = (int(x[0]) for x in np.nonzero(bad))
+        raise AssertionError(f"text {i} ({lengths[j, i]} tokens) placed outside the packed block")
+    text, column = texts.token_rows()  # text = j * slots + i
+    slots = lengths.shape[1]
+    start = ((np.arange(blocks)[:, None] * num_rows + rows) * length + offsets).reshape(-1)
+    where = start[text] + column
+    shape = (blocks * num_rows, length)
+    ids = np.full(shape, pad_id, np.int32)
+    positions = np.zeros(shape, np.int32)
+    segments = np.zeros(shape, np.int32)
+    ids.reshape(-1)[where] = texts.values
+    positions.reshape(-1)[where] = column
+    segments.reshape(-1)[where] = text % slots + 1
+    return {"input_ids": ids, "positions": positions, "segments": segments}, int(lengths.sum())
+
+
+def pack_side(token_ids: Ragged | Sequence[Sequence[int]], bound_rows: np.ndarray, bound_offsets: np.ndarray,
               num_rows: int, length: int, pad_id: int) -> tuple[dict[str, np.ndarray], int]:
     """Pack one block's texts (slot order) into ids / positions / segments [num_rows, length] int32.
 
     First fit of the real token counts when it fits `num_rows`, else the bounds' layout (`bound_rows`,
     `bound_offsets`, from `first_fit` of upper bounds, which fits). Returns the arrays and the real tokens.
     """
-    lengths = np.fromiter(map(len, token_ids), np.int64, len(token_ids))
-    used, rows, offsets = first_fit(lengths[None], length)
-    if used[0] > num_rows:
-        rows, offsets = bound_rows[None], bound_offsets[None]
-    ids = np.full((num_rows, length), pad_id, np.int32)
-    positions = np.zeros((num_rows, length), np.int32)
-    segments = np.zeros((num_rows, length), np.int32)
-    for slot, seq in enumerate(token_ids):
-        r, o, n = int(rows[0, slot]), int(offsets[0, slot]), len(seq)
-        if r >= num_rows or o + n > length:
-            raise AssertionError(f"text {slot} ({n} tokens) placed outside the packed block")
-        ids[r, o:o + n] = seq
-        positions[r, o:o + n] = np.arange(n)
-        segments[r, o:o + n] = slot + 1
-    return {"input_ids": ids, "positions": positions, "segments": segments}, int(lengths.sum())
+    texts = token_ids if isinstance(token_ids, Ragged) else Ragged.from_lists(token_ids)
+    return _pack_blocks(texts, 1, np.asarray(bound_rows)[None], np.asarray(bound_offsets)[None], num_rows,
+                        length, pad_id)
+
+
+def pack_host_arrays(queries: Ragged, positives: Ragged, negatives: Ragged, spec: PackingSpec,
+                     first_block: int, bound_layout: dict, pad_id: int) -> dict:
+    """This host's packed arrays from its rows' token ids: queries [b], positives [b], negatives [b K]
+    (row-major; K = 0: empty). `first_block` is the global index of this host's first block;
+    `bound_layout` holds the bounds' first-fit layouts of all blocks ({"query": (rows, offsets),
+    "document": (rows, offsets)}, [blocks, slots]). Block j of the host takes queries [j m, (j + 1) m),
+    positives [j m, (j + 1) m) and negatives [j m K, (j + 1) m K) in that slot order (module doc).
+    """
+    b = len(queries)
+    k = len(negatives) // max(b, 1)
+    m = bound_layout["query"][0].shape[1]  # queries per block
+    if b % m or first_block + b // m > bound_layout["query"][0].shape[0]:
+        raise ValueError(f"{b} rows from block {first_block} do not split into blocks of {m}")
+    n = b // m  # this host's blocks
+    j = np.arange(n)[:, None]
+    slots = np.concatenate([j * m + np.arange(m), b + j * m * k + np.arange(m * k)], axis=1)
+    documents = Ragged.concat([positives, negatives]).take(slots.reshape(-1))
+    batch, real = {}, 0
+    for side, texts, r_count, length in (("query", queries, spec.query_rows, spec.query_length),
+                                         ("document", documents, spec.document_rows, spec.document_length)):
+        layout_rows, layout_offsets = (x[first_block:first_block + n] for x in bound_layout[side])
+        arrays, n_real = _pack_blocks(texts, n, layout_rows, layout_offsets, r_count, length, pad_id)
+        real += n_real
+        batch.update({f"packed_{side}_{name}": arr for name, arr in arrays.items()})
+    batch["packed_query_lengths"] = queries.lengths.astype(np.int32)
+    batch["packed_document_lengths"] = np.concatenate(
+        [positives.lengths[:, None], negatives.lengths.reshape(b, k)], axis=1).astype(np.int32)
+    computed = n * (spec.query_rows * spec.query_length + spec.document_rows * spec.document_length)
+    batch["packing"] = {"real_tokens": real, "computed_tokens": computed, "fallback": False}
+    return batch
 
 
 def pack_host_batch(query_ids: Sequence[Sequence[int]], document_ids: Sequence[Sequence[Sequence[int]]],
                     spec: PackingSpec, first_block: int, bound_layout: dict, pad_id: int) -> dict:
-    """This host's packed arrays from its rows' token ids (queries [b], documents [b][1 + K]).
-
-    `first_block` is the global index of this host's first block; `bound_layout` holds the bounds'
-    first-fit layouts of all blocks ({"query": (rows, offsets), "document": (rows, offsets)}, [blocks, slots]).
-    """
-    b = len(query_ids)
-    m = bound_layout["query"][0].shape[1]  # queries per block
-    if b % m or first_block + b // m > bound_layout["query"][0].shape[0]:
-        raise ValueError(f"{b} rows from block {first_block} do not split into blocks of {m}")
-    out: dict[str, list] = {}
-    real = 0
-    for j in range(b // m):
-        rows = document_ids[j * m:(j + 1) * m]
-        docs = [d[0] for d in rows] + [n for d in rows for n in d[1:]]
-        for side, texts, r_count, length in (
-                ("query", query_ids[j * m:(j + 1) * m], spec.query_rows, spec.query_length),
-                ("document", docs, spec.document_rows, spec.document_length)):
-            layout_rows, layout_offsets = bound_layout[side]
-            arrays, n_real = pack_side(texts, layout_rows[first_block + j], layout_offsets[first_block + j],
-                                       r_count, length, pad_id)
-            real += n_real
-            for name, arr in arrays.items():
-                out.setdefault(f"packed_{side}_{name}", []).append(arr)
-    batch = {k: np.concatenate(v) for k, v in out.items()}
-    batch["packed_query_lengths"] = np.fromiter(map(len, query_ids), np.int32, b)
-    batch["packed_document_lengths"] = np.array([[len(t) for t in d] for d in document_ids], np.int32)
-    batch["packed_document_lengths"] = batch["packed_document_lengths"].reshape(b, -1)
-    computed = (b // m) * (spec.query_rows * spec.query_length + spec.document_rows * spec.document_length)
-    batch["packing"] = {"real_tokens": real, "computed_tokens": computed, "fallback": False}
-    return batch
+    """`pack_host_arrays` of token id lists: queries [b], documents [b][1 + K] (positive, then negatives)."""
+    return pack_host_arrays(Ragged.from_lists(query_ids), Ragged.from_lists([d[0] for d in document_ids]),
+                            Ragged.from_lists([t for d in document_ids for t in d[1:]]), spec, first_block,
+                            bound_layout, pad_id)
 
 
 PACKED_KEYS = tuple(f"packed_{side}_{name}" for side in ("query", "document")

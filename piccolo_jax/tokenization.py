@@ -4,6 +4,8 @@
 `vocab.txt` plus the settings of `tokenizer_config.json` (do_lower_case, tokenize_chinese_chars,
 strip_accents, special token names). Ids equal `transformers.AutoTokenizer.from_pretrained(dir)(texts,
 truncation=True, max_length=L)["input_ids"]`; `encode` then pads them into numpy int32 arrays.
+`token_arrays` returns them as a `ragged.Ragged` (flat ids + lengths), computed for plain texts without
+per-character Python (`char_wordpiece`: the backend's own ids, from a table the backend confirms).
 
 `char_token_bounds` gives, without tokenising, an upper bound on the number of WordPiece tokens of a text:
 every token covers at least one non-space character of the normalised text, and BERT's normaliser maps
@@ -16,14 +18,19 @@ which the bound is not proven (`char_bound_holds` False) makes the pipeline pad 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import threading
 import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from piccolo_jax.char_wordpiece import CharWordPiece
+from piccolo_jax.ragged import Ragged
 
 _SPECIAL_KEYS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SPECIAL_DEFAULTS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
@@ -106,6 +113,8 @@ def char_token_bounds(texts: Sequence[str]) -> np.ndarray:
     return cumulative[ends] - cumulative[ends - lengths]
 
 
+_CHAR_WORDPIECE: dict[str, CharWordPiece | None] = {}  # backend JSON digest -> its array tokeniser
+_CHAR_WORDPIECE_LOCK = threading.Lock()
 _NORMALIZER_CHECKS: dict[str, bool] = {}  # normaliser JSON -> _normalizer_within_weights
 
 
@@ -181,8 +190,10 @@ class Tokenizer:
                 files["vocab.txt"] = f.read()
         return cls(backend, special, files, path)
 
-    def token_ids(self, texts: Sequence[str], max_length: int, prefix: str | None = None) -> list[list[int]]:
-        """Ids of `[CLS] prefix+text [SEP]` per text, the text cut so that the total is <= max_length."""
+    def token_arrays(self, texts: Sequence[str], max_length: int, prefix: str | None = None) -> Ragged:
+        """Ids of `[CLS] prefix+text [SEP]` per text as a `Ragged` (flat int32 ids + lengths), the text cut so
+        that the total is <= max_length. The ids are the backend's; texts of plain characters (CJK,
+        punctuation, ASCII) are tokenised by `char_wordpiece` over arrays, the others by the backend."""
         if max_length < self.num_special + 1:
             raise ValueError(f"max_length must be at least {self.num_special + 1}, got {max_length}")
         for i, text in enumerate(texts):
@@ -191,20 +202,31 @@ class Tokenizer:
         if prefix:
             texts = [prefix + t for t in texts]
         keep = max_length - self.num_special
+        fast = self._char_wordpiece
+        if fast is not None:
+            return fast.encode(texts, keep, self.cls_id, self.sep_id)
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         encodings = encode(list(texts), add_special_tokens=False)
-        return [[self.cls_id, *e.ids[:keep], self.sep_id] for e in encodings]
+        return Ragged.from_lists([[self.cls_id, *e.ids[:keep], self.sep_id] for e in encodings])
 
-    def pad(self, ids: Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
+    def token_ids(self, texts: Sequence[str], max_length: int, prefix: str | None = None) -> list[list[int]]:
+        """Ids of `[CLS] prefix+text [SEP]` per text, the text cut so that the total is <= max_length."""
+        return self.token_arrays(texts, max_length, prefix).to_lists()
+
+    @functools.cached_property
+    def _char_wordpiece(self) -> CharWordPiece | None:
+        """The array tokeniser of this backend (one per pipeline and process), None if not BERT's."""
+        key = hashlib.sha256(self.backend.to_str().encode()).hexdigest()
+        with _CHAR_WORDPIECE_LOCK:
+            if key not in _CHAR_WORDPIECE:
+                _CHAR_WORDPIECE[key] = CharWordPiece.build(self.backend)
+            return _CHAR_WORDPIECE[key]
+
+    def pad(self, ids: Ragged | Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
         """input_ids / attention_mask [N, length] int32; every row must fit in `length`."""
-        input_ids = np.full((len(ids), length), self.pad_id, np.int32)
-        attention_mask = np.zeros((len(ids), length), np.int32)
-        for row, seq in enumerate(ids):
-            if len(seq) > length:
-                raise ValueError(f"row {row} has {len(seq)} tokens, more than the padded length {length}")
-            input_ids[row, :len(seq)] = seq
-            attention_mask[row, :len(seq)] = 1
+        rows = ids if isinstance(ids, Ragged) else Ragged.from_lists(ids)
+        input_ids, attention_mask = rows.padded(length, self.pad_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def encode(self, texts: Sequence[str], max_length: int, prefix: str | None = None,
@@ -214,9 +236,9 @@ class Tokenizer:
         T = pad_to if given, else the longest row rounded up to a multiple of `pad_to_multiple_of`,
         capped at max_length (so T <= max_length always; rows are truncated to max_length tokens).
         """
-        ids = self.token_ids(texts, max_length, prefix)
+        ids = self.token_arrays(texts, max_length, prefix)
         if pad_to is None:
-            longest = max((len(seq) for seq in ids), default=self.num_special)
+            longest = int(ids.lengths.max()) if len(ids) else self.num_special
             pad_to = min(max_length, -(-longest // pad_to_multiple_of) * pad_to_multiple_of)
         return self.pad(ids, pad_to)
 

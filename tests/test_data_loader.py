@@ -265,6 +265,31 @@ def test_random_negatives_come_from_outside_the_batch():
         batching.fill_record_ids(1, "d", 0, np.arange(2), np.arange(8), 8, 3)
 
 
+def _splitmix(*keys: int) -> int:
+    """splitmix64 folded over the keys, in Python integers (the reference for batching.mix)."""
+    mask, h = (1 << 64) - 1, 0x9E3779B97F4A7C15
+    for key in keys:
+        z = ((h ^ (key & mask)) + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        h = z ^ (z >> 31)
+    return h
+
+
+def test_positive_and_negative_slots_of_many_records_at_once():
+    """The vectorised draws equal, record by record, a shuffle by Python-integer splitmix64 keys."""
+    rng = np.random.default_rng(0)
+    records, counts = rng.integers(0, 10**6, 300), rng.integers(1, 12, 300)
+    key = name_key("set")
+    slots = batching.negative_slots(4, "set", 3, records, counts, 7)
+    positive = batching.positive_slot(4, "set", 3, records, counts)
+    for r, n, got, pos in zip(records.tolist(), counts.tolist(), slots.tolist(), positive.tolist()):
+        order = sorted(range(n), key=lambda i: (_splitmix(4, batching._TAG_NEGATIVE, key, 3, r, i), i))
+        assert got == [order[i % n] for i in range(7)]
+        assert batching.negative_slots(4, "set", 3, r, n, 7).tolist() == got  # one record
+        assert pos == _splitmix(4, batching._TAG_POSITIVE, key, 3, r) % n == batching.positive_slot(4, "set", 3, r, n)
+
+
 # ------------------------------------------------------------------------------------------------ packing
 def _unpack_blocks(batch, side, blocks, length):
     """Per block, the token lists of its slots read back from the packed arrays."""

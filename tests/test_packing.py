@@ -282,3 +282,83 @@ def test_trainer_packed_run_reproduces_the_padded_run(tmp_path):
     assert metrics[-1]["data/packing_fallbacks"] == 0
     padded_log = (tmp_path / "padded" / "train.log").read_text()
     assert "packing:" not in padded_log
+
+
+# ------------------------------------------------------------------- vectorised host packing vs a loop
+def _reference_pack_side(token_ids, bound_rows, bound_offsets, num_rows, length, pad_id):
+    """The plain per-text loop: first fit of the real counts if it fits num_rows, else the bounds' layout."""
+    lengths = np.array([len(t) for t in token_ids])
+    used, rows, offsets = packing.first_fit(lengths[None], length)
+    if used[0] > num_rows:
+        rows, offsets = bound_rows[None], bound_offsets[None]
+    ids = np.full((num_rows, length), pad_id, np.int32)
+    positions, segments = np.zeros_like(ids), np.zeros_like(ids)
+    for slot, seq in enumerate(token_ids):
+        r, o = int(rows[0, slot]), int(offsets[0, slot])
+        for u, token in enumerate(seq):
+            ids[r, o + u], positions[r, o + u], segments[r, o + u] = token, u, slot + 1
+    return {"input_ids": ids, "positions": positions, "segments": segments}, int(lengths.sum())
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_pack_host_arrays_equal_the_per_text_loop(k):
+    """Blocks whose real first fit needs more rows than R take the bounds' layout (some do here)."""
+    from piccolo_jax.ragged import Ragged
+
+    rng = np.random.default_rng(k)
+    blocks, m, first_block, lq, ld = 6, 6, 2, 10, 24
+    b = (blocks - first_block) * m
+    # host block 0: first fit of [4 4 3 3 3 3] into rows of 10 needs 3 rows; the bounds' layout below fits 2
+    queries = [[5] * n for n in [4, 4, 3, 3, 3, 3]] + [rng.integers(1, 99, rng.integers(2, 4)).tolist()
+                                                      for _ in range(b - m)]
+    documents = [[rng.integers(1, 99, rng.integers(2, ld + 1)).tolist() for _ in range(1 + k)] for _ in range(b)]
+    q_len = np.array([len(q) for q in queries])
+    d_len = np.array([[len(t) for t in d] for d in documents])
+    bounds_q = np.concatenate([np.full(first_block * m, 3), q_len])
+    bounds_d = np.concatenate([np.full((first_block * m, 1 + k), 3),
+                               np.minimum(d_len + rng.integers(0, 4, d_len.shape), ld)])
+    rq, rows_q, off_q = packing.first_fit(packing.query_blocks(bounds_q, blocks), lq)
+    rows_q[first_block], off_q[first_block] = [0, 1, 0, 0, 1, 1], [0, 0, 4, 7, 4, 7]
+    rd, rows_d, off_d = packing.first_fit(packing.document_blocks(bounds_d, blocks), ld)
+    assert np.delete(rq, first_block).max() <= 2
+    spec = packing.PackingSpec(blocks, 1, 2, lq, int(rd.max()), ld)
+    layout = {"query": (rows_q, off_q), "document": (rows_d, off_d)}
+    got = packing.pack_host_arrays(Ragged.from_lists(queries), Ragged.from_lists([d[0] for d in documents]),
+                                   Ragged.from_lists([t for d in documents for t in d[1:]]), spec, first_block,
+                                   layout, pad_id=7)
+    via_lists = packing.pack_host_batch(queries, documents, spec, first_block, layout, 7)
+    assert via_lists["packing"] == got["packing"]
+    for key in packing.PACKED_KEYS:
+        np.testing.assert_array_equal(got[key], via_lists[key], err_msg=key)
+    real = fallbacks = 0
+    for side, texts, r, length in (("query", queries, spec.query_rows, lq), ("document", None, spec.document_rows, ld)):
+        for j in range(blocks - first_block):
+            rows = documents[j * m:(j + 1) * m]
+            block = queries[j * m:(j + 1) * m] if side == "query" else [d[0] for d in rows] + [t for d in rows for t in d[1:]]
+            fallbacks += packing.first_fit(np.array([[len(t) for t in block]]), length)[0][0] > r
+            want, n = _reference_pack_side(block, layout[side][0][first_block + j], layout[side][1][first_block + j],
+                                           r, length, 7)
+            real += n
+            for name, arr in want.items():
+                np.testing.assert_array_equal(got[f"packed_{side}_{name}"][j * r:(j + 1) * r], arr, err_msg=name)
+    assert got["packing"]["real_tokens"] == real == q_len.sum() + d_len.sum()
+    assert fallbacks >= 1
+    np.testing.assert_array_equal(got["packed_query_lengths"], q_len)
+    np.testing.assert_array_equal(got["packed_document_lengths"], d_len)
+
+
+def test_ragged_take_concat_pad_against_lists():
+    from piccolo_jax.ragged import Ragged
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 50, rng.integers(0, 6)).tolist() for _ in range(30)]
+    r = Ragged.from_lists(rows)
+    assert r.values.dtype == np.int32 and len(r) == 30 and r.to_lists() == rows
+    index = rng.integers(0, 30, 45)
+    assert r.take(index).to_lists() == [rows[i] for i in index]
+    assert Ragged.concat([r, r.take(index[:5])]).to_lists() == rows + [rows[i] for i in index[:5]]
+    ids, mask = r.padded(6, pad_id=9)
+    assert ids.tolist() == [row + [9] * (6 - len(row)) for row in rows]
+    assert mask.tolist() == [[1] * len(row) + [0] * (6 - len(row)) for row in rows]
+    with pytest.raises(ValueError, match="more than the padded length 4"):
+        r.padded(4, 0)

@@ -154,3 +154,96 @@ def test_bad_directories(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"mask_token": 5}))
     with pytest.raises(ValueError, match="'mask_token' must be a token string"):
         Tokenizer.from_dir(tmp_path)
+
+
+# ------------------------------------------------------------------------- array tokeniser (char_wordpiece)
+_FUZZ_POOL = (
+    list("北京烤鸭是最有名的菜肴之一城市问题答案很好吃天气") + list("abcXYZ0189 ") * 3 + list("，。、；：！？（）《》“”…—·")
+    + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") + ["\t", "\n", "\r", "\u3000", "\xa0", "\u2028", "\x0b", "\x1c"]
+    + list("ＡＢＣ１２３éñÅΣσςİ가각ッテ😀\u0301\u200b\x07\x00\ufffd\uf900\u2329\u037e") + ["\U00020000", "\ud800"]
+    + ["[SEP]", "[MASK]", "[unused1]", "##", "[CLS", "x" * 101, "supercalifragilistic", "GPU", "Wi-Fi", "3.14"]
+)
+
+
+def _fuzz_texts(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(_FUZZ_POOL, size=rng.integers(0, 60))) for _ in range(n)]
+
+
+def _plain_texts(seed: int, n: int, vocab_dir: str = ZH_DIR) -> list[str]:
+    """Chinese with English words, digits and punctuation, as the benchmark's synthetic corpus."""
+    chars = [t for t in _vocab_lines(vocab_dir) if len(t) == 1 and "\u4e00" <= t <= "\u9fff"] or list("中文")
+    rng = np.random.default_rng(seed)
+    words = ["GPU", "Python", "model", "embedding", "2024", "Wi-Fi", "API", "BERT", "3.14", "USB-C", "x86_64"]
+    out = []
+    for _ in range(n):
+        parts = [str(rng.choice(words)) if rng.random() < 0.1 else "".join(rng.choice(chars, rng.integers(1, 8)))
+                 + str(rng.choice(list("，。、；：！？ "))) for _ in range(rng.integers(1, 80))]
+        out.append("".join(parts))
+    return out
+
+
+def _sample_texts() -> list[str]:
+    texts = []
+    for root, _, files in os.walk(os.path.join(REPO, "assets", "data")):
+        for name in sorted(files):
+            if name.endswith(".jsonl"):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    for line in f:
+                        stack = [json.loads(line)]
+                        while stack:
+                            x = stack.pop()
+                            if isinstance(x, str):
+                                texts.append(x)
+                            elif isinstance(x, (list, dict)):
+                                stack += list(x.values()) if isinstance(x, dict) else x
+    return texts
+
+
+@pytest.mark.parametrize("max_length", [3, 8, 64, 512])
+def test_array_tokeniser_matches_transformers(pair, max_length):
+    """Sample data, plain mixed text and fuzzed text with every awkward character class (accents, Hangul,
+    control chars, odd spaces, surrogate-free emoji, added tokens, long words) against transformers."""
+    ours, ref, _ = pair
+    assert ours._char_wordpiece is not None
+    texts = TEXTS + _sample_texts()[::7] + _plain_texts(0, 100) + [t.replace("\ud800", "") for t in _fuzz_texts(1, 400)]
+    for prefix in (None, "查询: "):
+        full = [prefix + t for t in texts] if prefix else texts
+        expected = ref(full, truncation=True, max_length=max_length)["input_ids"]
+        arrays = ours.token_arrays(texts, max_length, prefix)
+        assert arrays.values.dtype == np.int32 and arrays.lengths.tolist() == [len(e) for e in expected]
+        assert arrays.to_lists() == expected
+
+
+def test_plain_texts_never_reach_the_backend(pair, monkeypatch):
+    """Chinese, ASCII words and punctuation go through the arrays alone; a text with any other character
+    or an added token goes to the backend, alone."""
+    ours, ref, _ = pair
+    fast = ours._char_wordpiece
+    texts = _plain_texts(2, 200) + ["", "   ", "a" * 150, "Σ", "含有 [SEP] 的文本"]
+    sent = []
+    real = fast._backend
+    monkeypatch.setattr(fast, "_backend", lambda t, keep: sent.extend(t) or real(t, keep))
+    assert ours.token_ids(texts, 512) == ref(texts, truncation=True, max_length=512)["input_ids"]
+    assert sent == ["Σ", "含有 [SEP] 的文本"]
+
+
+def test_cased_vocab_and_non_bert_pipelines(tmp_path):
+    shutil.copy(os.path.join(ZH_DIR, "vocab.txt"), tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}))
+    cased = Tokenizer.from_dir(tmp_path)
+    assert cased._char_wordpiece is not None and not cased._char_wordpiece.lowercase
+    texts = _plain_texts(3, 50) + _fuzz_texts(4, 200)
+    texts = [t.replace("\ud800", "") for t in texts]
+    assert cased.token_ids(texts, 128) == AutoTokenizer.from_pretrained(str(tmp_path))(
+        texts, truncation=True, max_length=128)["input_ids"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "a", "##a"])}
+    backend = tokenizers.Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # not BERT's: every text goes to the backend
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    other = Tokenizer(backend, special, {}, "whitespace")
+    assert other._char_wordpiece is None
+    assert other.token_ids(["a aa x", "b"], 4) == [[2, 6, 6, 7, 3][:3] + [3], [2, 1, 3]]

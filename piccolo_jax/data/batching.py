@@ -23,7 +23,7 @@ With packing (`DataConfig.packing`, shapes from `packing.PackingSpec`) every hos
 B rows (not only its own: a record's stored bound covers its longest passage, too loose to pack by) and
 bounds each text from its characters; those bounds decide, on every host alike, whether the batch fits
 the packed shapes (`packed_layout`). If it does, each host tokenises and packs its own blocks
-(`packing.pack_host_batch`), else it pads the batch as above (a fallback the loader counts). Reading all
+(`packing.pack_host_arrays`, on the `Ragged` token arrays of `Tokenizer.token_arrays`), else it pads the batch as above (a fallback the loader counts). Reading all
 rows costs a multi-host run (hosts - 1) x B / hosts more record reads per step, no more tokenising.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 from piccolo_jax.data.config import DataConfig
 from piccolo_jax.data.sampler import BatchPlan, name_key
 from piccolo_jax.data.sources import Source
-from piccolo_jax.packing import (PackingSpec, document_blocks, first_fit, pack_host_batch, query_blocks,
+from piccolo_jax.packing import (PackingSpec, document_blocks, first_fit, pack_host_arrays, query_blocks,
                                  token_counts)
 from piccolo_jax.tokenization import Tokenizer, char_token_bounds
 
@@ -75,16 +75,23 @@ def fill_record_ids(seed: int, dataset: str, epoch: int, record_ids: np.ndarray,
     return u + np.searchsorted(excluded - np.arange(len(excluded)), u, side="right")
 
 
-def negative_slots(seed: int, dataset: str, epoch: int, record_id: int, count: int, k: int) -> np.ndarray:
-    """[k] indices into a record's `count` negatives: a seeded shuffle, cycled when count < k."""
-    keys = mix(seed, _TAG_NEGATIVE, name_key(dataset), epoch, record_id, np.arange(count))
-    order = np.argsort(keys, kind="stable")
-    return order[np.arange(k) % count]
+def negative_slots(seed: int, dataset: str, epoch: int, record_id, count, k: int) -> np.ndarray:
+    """[k] indices into a record's `count` negatives: a seeded shuffle, cycled when count < k; for arrays
+    `record_id`, `count` [R] (every count >= 1): [R, k], row r the slots of record_id[r]."""
+    if np.ndim(record_id) == 0:
+        return negative_slots(seed, dataset, epoch, np.array([record_id]), np.array([count]), k)[0]
+    record_id, count = np.asarray(record_id, np.int64), np.asarray(count, np.int64)
+    width = int(count.max(initial=1))
+    keys = mix(seed, _TAG_NEGATIVE, name_key(dataset), epoch, record_id[:, None], np.arange(width)[None, :])
+    keys[np.arange(width)[None, :] >= count[:, None]] = np.iinfo(np.uint64).max  # after the real ones
+    order = np.argsort(keys, axis=1, kind="stable")
+    return np.take_along_axis(order, np.arange(k)[None, :] % count[:, None], axis=1)
 
 
-def positive_slot(seed: int, dataset: str, epoch: int, record_id: int, count: int) -> int:
-    """Which of a record's `count` positives this pass uses."""
-    return int(mix(seed, _TAG_POSITIVE, name_key(dataset), epoch, record_id) % np.uint64(count))
+def positive_slot(seed: int, dataset: str, epoch: int, record_id, count):
+    """Which of a record's `count` positives this pass uses (arrays in, int64 array out)."""
+    slot = mix(seed, _TAG_POSITIVE, name_key(dataset), epoch, record_id) % np.asarray(count).astype(np.uint64)
+    return int(slot) if np.ndim(slot) == 0 else slot.astype(np.int64)
 
 
 TASK_KEYS = ("labels", "teacher_scores", "has_teacher")  # the per-row arrays a task type adds to a batch
@@ -153,7 +160,8 @@ def batch_texts(plan: BatchPlan, source: Source, cfg: DataConfig, rows: np.ndarr
     records = source.records(rows)
     k = cfg.negatives_for(task)
     queries = [(r.prompt or query_prefix) + r.query for r in records]
-    chosen = [positive_slot(cfg.seed, name, plan.epoch, rid, len(r.positives)) for rid, r in zip(rows, records)]
+    counts = np.fromiter((len(r.positives) for r in records), np.int64, len(records))
+    chosen = positive_slot(cfg.seed, name, plan.epoch, rows, counts).tolist()
     passages = [passage_prefix + r.positives[c] for c, r in zip(chosen, records)]
     extra: dict[str, np.ndarray] = {}
     if task == "sts":
@@ -161,21 +169,22 @@ def batch_texts(plan: BatchPlan, source: Source, cfg: DataConfig, rows: np.ndarr
     negatives = []
     if k:
         teacher, has_teacher = np.zeros((len(rows), 1 + k), np.float32), np.zeros(len(rows), np.int32)
-        lacking = [i for i, r in enumerate(records) if not r.negatives]  # retrieval only (Source.resolve_task)
+        counts = np.fromiter((len(r.negatives) for r in records), np.int64, len(records))
+        lacking = np.flatnonzero(counts == 0)  # retrieval only (Source.resolve_task)
         lenders = {}
-        if lacking:
+        if len(lacking):
             fill = fill_record_ids(cfg.seed, name, plan.epoch, rows[lacking], plan.record_ids, len(source), k)
             lent = source.records(fill.reshape(-1))
-            lenders = {i: lent[j * k:(j + 1) * k] for j, i in enumerate(lacking)}
-        for i, (rid, r) in enumerate(zip(rows, records)):
+            lenders = {i: lent[j * k:(j + 1) * k] for j, i in enumerate(lacking.tolist())}
+        slots = negative_slots(cfg.seed, name, plan.epoch, rows, np.maximum(counts, 1), k).tolist()
+        for i, r in enumerate(records):
             if i in lenders:
                 negatives += [passage_prefix + other.positives[0] for other in lenders[i]]
                 continue
-            slots = negative_slots(cfg.seed, name, plan.epoch, rid, len(r.negatives), k)
-            negatives += [passage_prefix + r.negatives[s] for s in slots]
+            negatives += [passage_prefix + r.negatives[s] for s in slots[i]]
             if r.positive_scores is not None:  # the teacher's scores of exactly the passages chosen
                 teacher[i, 0] = r.positive_scores[chosen[i]]
-                teacher[i, 1:] = [r.negative_scores[s] for s in slots]
+                teacher[i, 1:] = [r.negative_scores[s] for s in slots[i]]
                 has_teacher[i] = 1
         if task == "retrieval":
             extra["teacher_scores"], extra["has_teacher"] = teacher, has_teacher
@@ -230,16 +239,15 @@ def build_host_batch(plan: BatchPlan, source: Source, cfg: DataConfig, tokenizer
         everything = batch_texts(plan, source, cfg, plan.record_ids)
         layout = packed_layout(packing_bounds(everything, cfg, tokenizer), packing)
         texts = everything.rows(process_index * b, (process_index + 1) * b)
-    queries = tokenizer.token_ids(texts.queries, cfg.query_max_length)
-    passages = tokenizer.token_ids(texts.passages, cfg.passage_max_length)
-    negatives = tokenizer.token_ids(texts.negatives, cfg.passage_max_length) if k else []
+    queries = tokenizer.token_arrays(texts.queries, cfg.query_max_length)
+    passages = tokenizer.token_arrays(texts.passages, cfg.passage_max_length)
+    negatives = tokenizer.token_arrays(texts.negatives, cfg.passage_max_length)  # [b K]; empty when K = 0
     info = {"record_index": rows.astype(np.int32), "step": plan.step, "dataset_index": plan.dataset,
             "dataset_name": source.name, "task": source.task, **texts.extra}
     if layout is not None:
-        documents = [[p, *negatives[i * k:(i + 1) * k]] for i, p in enumerate(passages)]
         blocks_per_host = packing.shards * packing.num_chunks // process_count
-        batch = pack_host_batch(queries, documents, packing, process_index * blocks_per_host, layout,
-                                tokenizer.pad_id)
+        batch = pack_host_arrays(queries, passages, negatives, packing, process_index * blocks_per_host, layout,
+                                 tokenizer.pad_id)
         return {**batch, **info}
     tq, tp = global_lengths(plan, source, cfg, tokenizer)
     batch = {}

@@ -7,9 +7,10 @@
         checkpoint_extra = loader.state()     # small JSON-serialisable dict
 
 Batches are planned in order in the caller's thread (cheap: integers only) and built by `num_workers`
-threads, `prefetch` ahead. Most of the building time is the Rust tokenizer, which the tokenizers
-bindings run without holding the GIL; JSON parsing and padding are Python. `state()` describes the
-batches handed out, not the ones prefetched, so a resume repeats nothing and skips nothing.
+threads, `prefetch` ahead. Tokenising, padding and packing are numpy over whole batch sides
+(`Tokenizer.token_arrays`, `ragged.Ragged`; texts outside its character table go to the Rust tokenizer,
+which runs without the GIL); what stays per record in Python is reading and JSON parsing. `state()`
+describes the batches handed out, not the ones prefetched, so a resume repeats nothing and skips nothing.
 
 (Grain was considered: a batch here is a pure function of (seed, step), so exact resume needs no
 checkpointable iterator, and an ordered thread pool is all the parallelism the Rust tokenizer needs.)
