@@ -25,11 +25,10 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
-SUPERVISED_ENV = "PICCOLO_JAX_SUPERVISED"  # set in the trainer process a multi-host supervisor starts
+from piccolo_jax.distributed import SUPERVISED_ENV, add_distributed_arguments, init_distributed, multi_process, run_child
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
@@ -46,41 +45,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=2e-5 or --set finetune.optim.lr=2e-5 "
                         "(repeatable)")
-    p.add_argument("--coordinator", default=None, help="multi-host: coordinator HOST:PORT")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    add_distributed_arguments(p)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
-
-
-def multi_process(args) -> bool:
-    """Whether this start joins a multi-process run (explicitly, or detected from the cluster environment)."""
-    if args.coordinator or (args.num_processes or 1) > 1:
-        return True
-    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
-            or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
-
-
-def init_distributed(args, heartbeat_timeout_s: int) -> None:
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
-    kwargs = {"heartbeat_timeout_seconds": heartbeat_timeout_s}
-    if args.coordinator or args.num_processes:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id, **kwargs)
-    else:
-        jax.distributed.initialize(**kwargs)  # cluster auto-detection (SLURM, Cloud TPU, env vars)
-
-
-def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the trainer dies with its supervisor (kill -9 of the supervisor must not orphan it)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def supervise(argv: list[str], args) -> int:
@@ -92,16 +59,7 @@ def supervise(argv: list[str], args) -> int:
     """
     from piccolo_jax.run_dir import EXIT_FAILURE, last_checkpoint_note
 
-    env = dict(os.environ, **{SUPERVISED_ENV: "1"})
-    child = subprocess.Popen([sys.executable, "-m", "piccolo_jax", "train", *argv], env=env,
-                             start_new_session=True, preexec_fn=_set_parent_death_signal)
-    forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        rc = child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    rc = run_child("train", argv)
     if rc >= 0:
         return rc
     workdir = Path(args.workdir or f"runs/{args.stage}")
