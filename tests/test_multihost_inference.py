@@ -38,10 +38,10 @@ def commands(model: Path, data: Path, out: Path, extra=lambda name: []) -> list[
     cli = [sys.executable, "-m", "piccolo_jax"]
     common = ["--model", str(model), "--tokens-per-batch", "1024"]
     return [
-        [*cli, "encode", *common, "--input", str(data / "texts.jsonl"), "--field", "text", "--id-field", "_id",
-         "--output", str(out / "texts.npy"), "--chunk-size", "150", "--no-progress", *extra("encode")],
-        [*cli, "evaluate", *common, str(ASSETS / "eval" / "retrieval"), "--dims", "16", "--output", str(out / "eval.json"),
-         *extra("evaluate")],
+        [*cli, "encode", *common, "--input", str(data / "texts.jsonl"), "--field", "text", "--id-field",
+         "_id", "--output", str(out / "texts.npy"), "--chunk-size", "150", "--no-progress", *extra("encode")],
+        [*cli, "evaluate", *common, str(ASSETS / "eval" / "retrieval"), "--dims", "16", "--output",
+         str(out / "eval.json"), *extra("evaluate")],
         [*cli, "mine", *common, "--input", str(data / "pairs.jsonl"), "--output", str(out / "mined.jsonl"),
          "--window", "2", "30", "--num-negatives", "3", "--no-progress", *extra("mine")],
     ]
@@ -240,3 +240,11 @@ def test_a_dead_peer_stops_the_survivor(runs, victim, tmp_path):
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("many.txt", "process-0.log", "process-1.log"))
     # Nothing from the survivor; process 0 killed with -9 cannot remove its own temporary files.
     assert left == ([] if victim else [f".out.ids.txt.tmp-{procs[0].pid}", f".out.npy.tmp-{procs[0].pid}"]), left
+
+
+def test_mteb_tasks_are_refused_across_processes():
+    r = subprocess.run([sys.executable, "-m", "piccolo_jax", "evaluate", "--model", "m", "--mteb-tasks", "AFQMC",
+                        "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "0"], cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--mteb-tasks runs in one process" in r.stderr

@@ -8,7 +8,8 @@ in memory) and OUTPUT with suffix .ids.txt (one id per line, row i of the matrix
 --id-field value for JSONL, else the 1-based line number of the text in the input file. Blank lines are
 skipped (they keep their line numbers, so ids stay exact) and counted. A .jsonl input needs --field
 (refused otherwise, listing the fields of its first record); every line is checked before the model
-loads. Both files appear only when complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by the encoder.
+loads. Both files appear only when complete. Each chunk (--chunk-size texts) is sorted by length and bucketed by
+the encoder.
 
 Multi-host: run the same command in every process with --coordinator HOST:PORT --num-processes N
 --process-id I (or under SLURM / on a TPU pod); every process reads the input, encodes its share of each

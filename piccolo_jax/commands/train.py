@@ -28,7 +28,8 @@ import signal
 import sys
 from pathlib import Path
 
-from piccolo_jax.distributed import SUPERVISED_ENV, add_distributed_arguments, init_distributed, multi_process, run_child
+from piccolo_jax.distributed import (SUPERVISED_ENV, add_distributed_arguments, init_distributed, multi_process,
+                                    run_child)
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
