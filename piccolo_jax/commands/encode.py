@@ -66,12 +66,11 @@ def write_embeddings(enc, items, n_texts: int, out_path: Path | None, ids_path: 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.errors import Parser, run_guarded
-    from piccolo_jax.distributed import add_distributed_arguments, run_command
-    from piccolo_jax.inference import add_encoder_arguments
+    from piccolo_jax.distributed import run_command
+    from piccolo_jax.commands.encoder_options import add_encoder_arguments
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
-    add_distributed_arguments(p, heartbeat=True)
     p.add_argument("--input", required=True, type=Path, help="JSONL (with --field) or text file, one text per line")
     p.add_argument("--field", default=None, help="JSONL field holding the text (required for .jsonl; omit for a "
                    "plain text file)")
@@ -95,7 +94,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def run(args) -> int:
     from piccolo_jax.commands.errors import InputError
     from piccolo_jax.distributed import is_main_process, temp_path
-    from piccolo_jax.inference import encoder_from_args
+    from piccolo_jax.commands.encoder_options import encoder_from_args
     from piccolo_jax.text_files import check_text_input, count_lines, iter_texts
 
     check_text_input(args.input, args.field)

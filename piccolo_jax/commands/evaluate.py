@@ -41,12 +41,11 @@ from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.distributed import add_distributed_arguments, multi_process, run_command
-    from piccolo_jax.inference import add_encoder_arguments
+    from piccolo_jax.distributed import multi_process, run_command
+    from piccolo_jax.commands.encoder_options import add_encoder_arguments
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
-    add_distributed_arguments(p, heartbeat=True)
     p.add_argument("tasks", nargs="*", metavar="TASK", help="task directory / .jsonl file, or a folder of them")
     p.add_argument("--mteb-tasks", default=None, metavar="NAME[,NAME...]",
                    help="also run these mteb tasks (e.g. T2Retrieval,AFQMC) with the mteb package, on data in the "
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 def run(args, mteb_names: list[str]) -> int:
     from piccolo_jax.distributed import is_main_process
     from piccolo_jax.evaluation import evaluate_task, evaluate_task_at_dims, find_tasks, format_table, load_task
-    from piccolo_jax.inference import encoder_from_args
+    from piccolo_jax.commands.encoder_options import encoder_from_args
 
     local = []  # every task file is read (and checked) before the model is loaded
     for path in find_tasks(args.tasks):

@@ -62,12 +62,11 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.distributed import add_distributed_arguments, run_command
-    from piccolo_jax.inference import add_encoder_arguments
+    from piccolo_jax.distributed import run_command
+    from piccolo_jax.commands.encoder_options import add_encoder_arguments
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
-    add_distributed_arguments(p, heartbeat=True)
     p.add_argument("--input", required=True, type=Path, help="training JSONL (uniem or BGE records)")
     p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
     p.add_argument("--corpus", type=Path, default=None, help="passages to mine from (default: the input's)")
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def run(args) -> int:
     from piccolo_jax.distributed import is_main_process, temp_path
-    from piccolo_jax.inference import encoder_from_args
+    from piccolo_jax.commands.encoder_options import encoder_from_args
     from piccolo_jax.mining import mine_negatives, rows_for_output
 
     start, end = args.window

@@ -1,0 +1,30 @@
+"""Command-line options of the commands that encode (encode, evaluate, mine) and the Encoder they load."""
+
+from __future__ import annotations
+
+from piccolo_jax.distributed import add_distributed_arguments
+
+
+def add_encoder_arguments(parser, *, max_length: bool = True) -> None:
+    """The command-line options every command that encodes shares (model, batching, dtype, placement,
+    multi-host: `distributed.add_distributed_arguments`)."""
+    parser.add_argument("--model", required=True, help="Hugging Face BERT directory or piccolo-jax model directory")
+    parser.add_argument("--batch-size", type=int, default=None, help="at most this many texts per batch (as "
+                        "sentence-transformers' batch_size; default: no limit, the token budget decides)")
+    parser.add_argument("--tokens-per-batch", type=int, default=None,
+                        help="computed tokens per batch; default: 1,024 per CPU device, 16,384 per GPU / TPU")
+    if max_length:
+        parser.add_argument("--max-length", type=int, default=None, help="token limit incl. [CLS]/[SEP] "
+                            "(default: the model's sentence-transformers max_seq_length, else 512)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--strategy", choices=("dp", "fsdp"), default="dp",
+                        help="dp: parameters replicated; fsdp: parameters sharded over the devices (large models)")
+    add_distributed_arguments(parser, heartbeat=True)
+
+
+def encoder_from_args(args):
+    """`Encoder.load` from the options of `add_encoder_arguments`."""
+    from piccolo_jax.inference import Encoder
+
+    return Encoder.load(args.model, dtype=args.dtype, strategy=args.strategy,
+                        max_length=getattr(args, "max_length", None))
