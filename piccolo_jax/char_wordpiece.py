@@ -1,27 +1,32 @@
-"""BERT WordPiece over arrays of code points: the `tokenizers` ids of plain texts without per-character Python.
+"""BERT WordPiece over arrays of code points: the `tokenizers` ids of texts without per-character Python.
 
-BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece) is local to characters for most text: a CJK
-ideograph or a punctuation mark is a word of its own (one token: its vocabulary id, or [UNK]), whitespace
-separates words and yields nothing, and a run of ASCII letters and digits is one word that WordPiece
-splits. So the ids of a text are the ids of its units in order:
+BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece) works character by character for almost
+all text: each character is normalised on its own (cleaned, accents stripped, lower-cased), a CJK
+ideograph or a punctuation mark becomes a word of its own, whitespace separates words, and the other
+characters join into words that WordPiece splits. So the ids of a text are the ids of its units in order:
 
-    unit            ids
-    single char c   [single_id[c]]                            (CJK ideograph, punctuation)
-    space char      []                                        (separates words)
-    word run w      WordPiece(lower(w)) (the model itself)    (maximal run of ASCII letters / digits)
+    class   characters (examples)                  contributes
+    single  CJK ideographs, punctuation            [single_id[c]] (its vocabulary id, or [UNK])
+    space   whitespace                             nothing; ends a word
+    word    letters, digits, symbols, kana         its normalised character n(c) to the current word
+    drop    control and format chars, accents      nothing, and does not end a word ("e\u0301" -> "e")
 
-`CharWordPiece.build(backend)` makes the per-code-point table from the backend itself: every candidate
-character c is tokenised as "x" + c + "x" by the real pipeline and kept only if the ids show exactly the
-behaviour above (and the normaliser leaves c alone or maps it to one space). A text with any character
-outside the table (accented letters, Hangul, control characters, emoji, ...) or containing an added
-token ("[SEP]", ...) goes through the backend instead, so the ids are always the backend's:
-`encode` returns the ids of `[CLS] text [SEP]`, the text cut to `keep` tokens, as a `Ragged`.
+and a word (maximal run of word / drop characters) gives WordPiece(n(c) for its word characters), from
+the backend's own model. `CharWordPiece.build(backend)` makes the per-code-point table from the backend
+itself: every character c of the Basic Multilingual Plane is run through the real pipeline as "x" + c + "x"
+and gets a class only if the normalised string, its pre-tokenised pieces and the ids all show exactly
+that class's behaviour (and c normalises to at most one character). A text with any other character
+(one that expands, such as a Hangul syllable under NFD; a combining mark that is kept; anything above
+U+FFFF, such as emoji) or containing an added token ("[SEP]", ...) is tokenised by the backend instead, so the
+ids are always the backend's. `encode` returns the ids of `[CLS] text [SEP]`, the text cut to `keep`
+tokens, as a `Ragged`.
 
 Eligible backends: WordPiece model, BertPreTokenizer, BertNormalizer or no normaliser, and added tokens
 matched on the raw text only (normalized false), as every BERT tokenizer in transformers' format.
+Greek capital sigma is left to the backend (its lower case can depend on the next letter).
 
-Cost per batch of N texts and C characters: O(C) numpy work, plus one dictionary look-up per word run
-(a cache of the model's WordPiece splits) and one backend call for the texts outside the table.
+Cost per batch of N texts and C characters: O(N + C) numpy work, one dictionary look-up per word (a
+cache of the model's WordPiece splits) and one backend call for the texts outside the table.
 """
 
 from __future__ import annotations
@@ -34,36 +39,19 @@ import numpy as np
 
 from piccolo_jax.ragged import Ragged
 
-_UNSAFE, _SPACE, _SINGLE, _WORD = 0, 1, 2, 3
-_LIMIT = 0x10000  # candidates in the Basic Multilingual Plane; a text with any other goes to the backend
-_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))  # BERT's "Chinese characters"
+_UNSAFE, _SPACE, _SINGLE, _WORD, _DROP = 0, 1, 2, 3, 4
+_LIMIT = 0x10000  # the Basic Multilingual Plane; a text with any character above goes to the backend
+_CONTEXT_CASED = (0x3A3,)  # Greek capital sigma: final-sigma lower-casing looks at the next letter
 _CACHE_LIMIT = 1 << 18  # word splits kept; the cache is emptied when it grows past this
-
-
-def _candidates() -> tuple[list[int], list[int], list[int]]:
-    """(single, space, word) candidate code points; `build` keeps those the backend confirms."""
-    single = [cp for lo, hi in _CJK if lo < _LIMIT for cp in range(lo, hi + 1)]
-    space, word = [], [cp for cp in range(0x80) if chr(cp).isalnum()]
-    for cp in range(_LIMIT):
-        if 0xD800 <= cp < 0xE000:
-            continue
-        ch = chr(cp)
-        category = unicodedata.category(ch)
-        if category.startswith("P") or (cp < 0x80 and not ch.isalnum() and ch.isprintable() and ch != " "):
-            single.append(cp)
-        elif ch.isspace() or category == "Zs":
-            space.append(cp)
-    return single, space, word
 
 
 class CharWordPiece:
     """The table of one backend (see module doc); `encode(texts, keep, cls_id, sep_id)` -> Ragged."""
 
-    def __init__(self, backend, table: np.ndarray, single_id: np.ndarray, trigger: np.ndarray,
-                 added: tuple[str, ...], lowercase: bool):
+    def __init__(self, backend, table: np.ndarray, single_id: np.ndarray, word_code: np.ndarray,
+                 trigger: np.ndarray, added: tuple[str, ...], lowercase: bool):
         self.backend, self.model = backend, backend.model
-        self.table, self.single_id, self.trigger = table, single_id, trigger
+        self.table, self.single_id, self.word_code, self.trigger = table, single_id, word_code, trigger
         self.added, self.lowercase = added, lowercase
         self._words: dict[str, tuple[int, ...]] = {}
 
@@ -79,32 +67,35 @@ class CharWordPiece:
         if any(t.get("normalized") for t in added_tokens):
             return None
         added = tuple(t["content"] for t in added_tokens if t.get("content"))
-        x_ids = [t.id for t in backend.model.tokenize("x")]
+        model_ids = lambda word: [t.id for t in backend.model.tokenize(word)]  # noqa: E731
+        x_ids = model_ids("x")
         if len(x_ids) != 1:
             return None
         x = x_ids[0]
         normalize = backend.normalizer.normalize_str if backend.normalizer is not None else (lambda s: s)
-        lowercase = normalize("A") == "a"
-        single, space, word = _candidates()
+        pieces = backend.pre_tokenizer.pre_tokenize_str
+        codes = [cp for cp in range(_LIMIT) if not 0xD800 <= cp < 0xE000 and cp not in _CONTEXT_CASED]
+        encodings = backend.encode_batch([f"x{chr(cp)}x" for cp in codes], add_special_tokens=False)
         table = np.zeros(0x110000, np.uint8)
         single_id = np.zeros(0x110000, np.int32)
-        groups = ((single, _SINGLE), (space, _SPACE), (word, _WORD))
-        probes = [f"x{chr(cp)}x" for codes, _ in groups for cp in codes]
-        encodings = iter(backend.encode_batch(probes, add_special_tokens=False))
-        for codes, kind in groups:
-            for cp in codes:
-                ids, ch = next(encodings).ids, chr(cp)
-                out = normalize(ch)
-                if kind == _SINGLE and len(ids) == 3 and ids[0] == ids[2] == x and out.strip(" ") == ch:
-                    table[cp], single_id[cp] = _SINGLE, ids[1]
-                elif kind == _SPACE and ids == [x, x] and out == " ":
-                    table[cp] = _SPACE
-                elif kind == _WORD and out == (ch.lower() if lowercase else ch) and ids == [
-                        t.id for t in backend.model.tokenize(f"x{out}x")]:
-                    table[cp] = _WORD
+        word_code = np.zeros(0x110000, np.uint32)
+        for cp, encoding in zip(codes, encodings):
+            ch, ids = chr(cp), encoding.ids
+            out, core = normalize(ch), normalize(ch).strip(" ")
+            if len(core) > 1 or (core == "" and out not in ("", " ")) or (core and unicodedata.combining(core)):
+                continue  # expands, or a kept combining mark (NFD would reorder it across characters)
+            split = [p for p, _ in pieces(normalize(f"x{ch}x"))]
+            if out == " " and split == ["x", "x"] and ids == [x, x]:
+                table[cp] = _SPACE
+            elif out == "" and split == ["xx"] and ids == model_ids("xx"):
+                table[cp] = _DROP
+            elif core and split == ["x", core, "x"] and len(ids) == 3 and ids[0] == ids[2] == x:
+                table[cp], single_id[cp] = _SINGLE, ids[1]
+            elif out == core and split == [f"x{core}x"] and ids == model_ids(f"x{core}x"):
+                table[cp], word_code[cp] = _WORD, ord(core)
         trigger = np.zeros(0x110000, bool)
         trigger[[ord(t[0]) for t in added]] = True
-        return cls(backend, table, single_id, trigger, added, lowercase)
+        return cls(backend, table, single_id, word_code, trigger, added, normalize("A") == "a")
 
     def _word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         cache = self._words
@@ -114,7 +105,7 @@ class CharWordPiece:
         for w in words:
             ids = cache.get(w)
             if ids is None:
-                ids = cache[w] = tuple(t.id for t in self.model.tokenize(w.lower() if self.lowercase else w))
+                ids = cache[w] = tuple(t.id for t in self.model.tokenize(w)) if w else ()
             out.append(ids)
         return out
 
@@ -137,17 +128,20 @@ class CharWordPiece:
             slow[i] = slow[i] or any(t in texts[i] for t in self.added)
         kind = np.where(slow[text_of_char], _UNSAFE, kind)
 
-        # Units: single chars and word runs (runs end at text boundaries too).
-        is_word = kind == _WORD
+        # Units: single chars and words, a word = a run of word / drop chars (runs end at text boundaries).
+        in_word = (kind == _WORD) | (kind == _DROP)
         first = np.zeros(len(codes), bool)
         first[char_start[lengths > 0]] = True
         last = np.zeros(len(codes), bool)
         last[(char_start + lengths - 1)[lengths > 0]] = True
-        prev_word = np.concatenate([[False], is_word[:-1]]) & ~first
-        next_word = np.concatenate([is_word[1:], [False]]) & ~last
-        starts = np.flatnonzero(is_word & ~prev_word)
-        ends = np.flatnonzero(is_word & ~next_word) + 1
-        word_ids = self._word_ids([joined[s:e] for s, e in zip(starts.tolist(), ends.tolist())])
+        prev_word = np.concatenate([[False], in_word[:-1]]) & ~first
+        next_word = np.concatenate([in_word[1:], [False]]) & ~last
+        starts = np.flatnonzero(in_word & ~prev_word)
+        ends = np.flatnonzero(in_word & ~next_word) + 1
+        is_word = kind == _WORD  # the normalised characters of all words, back to back, as one string
+        letters = self.word_code[codes[is_word]].astype("<u4").tobytes().decode("utf-32-le")
+        before = np.concatenate([[0], np.cumsum(is_word)])  # word characters before each position
+        word_ids = self._word_ids([letters[a:b] for a, b in zip(before[starts].tolist(), before[ends].tolist())])
         word_counts = np.fromiter(map(len, word_ids), np.int64, len(word_ids))
         singles = np.flatnonzero(kind == _SINGLE)
         per_char = np.zeros(len(codes), np.int64)  # tokens that start at each character

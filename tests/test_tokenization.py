@@ -205,7 +205,7 @@ def test_array_tokeniser_matches_transformers(pair, max_length):
     """Sample data, plain mixed text and fuzzed text with every awkward character class (accents, Hangul,
     control chars, odd spaces, surrogate-free emoji, added tokens, long words) against transformers."""
     ours, ref, _ = pair
-    assert ours._char_wordpiece is not None
+    assert ours._char_wordpiece() is not None  # built: small calls use it too
     texts = TEXTS + _sample_texts()[::7] + _plain_texts(0, 100) + [t.replace("\ud800", "") for t in _fuzz_texts(1, 400)]
     for prefix in (None, "查询: "):
         full = [prefix + t for t in texts] if prefix else texts
@@ -216,23 +216,25 @@ def test_array_tokeniser_matches_transformers(pair, max_length):
 
 
 def test_plain_texts_never_reach_the_backend(pair, monkeypatch):
-    """Chinese, ASCII words and punctuation go through the arrays alone; a text with any other character
-    or an added token goes to the backend, alone."""
+    """Chinese, words, punctuation, accents, full-width forms, kana and format characters go through the
+    arrays alone; a text with a character that expands (Hangul), one above U+FFFF or an added token goes
+    to the backend, alone."""
     ours, ref, _ = pair
-    fast = ours._char_wordpiece
-    texts = _plain_texts(2, 200) + ["", "   ", "a" * 150, "Σ", "含有 [SEP] 的文本"]
+    fast = ours._char_wordpiece()
+    texts = _plain_texts(2, 200) + ["", "   ", "a" * 150, "ＡＢＣ１２３", "Café naïve ÉCOLE", "日本語のテキスト",
+                                    "zero\u200bwidth\x07", "e\u0301\u0323 x", "Σ", "한국어", "😀", "含有 [SEP] 的文本"]
     sent = []
     real = fast._backend
     monkeypatch.setattr(fast, "_backend", lambda t, keep: sent.extend(t) or real(t, keep))
     assert ours.token_ids(texts, 512) == ref(texts, truncation=True, max_length=512)["input_ids"]
-    assert sent == ["Σ", "含有 [SEP] 的文本"]
+    assert sent == ["Σ", "한국어", "😀", "含有 [SEP] 的文本"]
 
 
 def test_cased_vocab_and_non_bert_pipelines(tmp_path):
     shutil.copy(os.path.join(ZH_DIR, "vocab.txt"), tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}))
     cased = Tokenizer.from_dir(tmp_path)
-    assert cased._char_wordpiece is not None and not cased._char_wordpiece.lowercase
+    assert cased._char_wordpiece() is not None and not cased._char_wordpiece().lowercase
     texts = _plain_texts(3, 50) + _fuzz_texts(4, 200)
     texts = [t.replace("\ud800", "") for t in texts]
     assert cased.token_ids(texts, 128) == AutoTokenizer.from_pretrained(str(tmp_path))(
@@ -245,5 +247,25 @@ def test_cased_vocab_and_non_bert_pipelines(tmp_path):
     special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                "mask_token": "[MASK]"}
     other = Tokenizer(backend, special, {}, "whitespace")
-    assert other._char_wordpiece is None
+    assert other._char_wordpiece() is None
     assert other.token_ids(["a aa x", "b"], 4) == [[2, 6, 6, 7, 3][:3] + [3], [2, 1, 3]]
+
+
+def test_array_tokeniser_on_random_characters_of_every_class(pair):
+    """Texts of random code points from the whole table (CJK, letters of every script, symbols, combining
+    marks, control and format chars next to each other) and a few from outside it, against transformers."""
+    ours, ref, _ = pair
+    table = ours._char_wordpiece().table[:0x10000]
+    rng = np.random.default_rng(5)
+    pools = [np.flatnonzero(table == c) for c in range(1, 5)]  # space, single, word, drop
+    outside = np.setdiff1d(np.flatnonzero(table == 0), np.arange(0xD800, 0xE000))  # to the backend
+    texts = []
+    for _ in range(600):
+        n = int(rng.integers(0, 40))
+        which = rng.choice(4, size=n, p=[0.15, 0.3, 0.4, 0.15])
+        codes = [int(rng.choice(pools[w])) for w in which]
+        if rng.random() < 0.05:
+            codes.insert(int(rng.integers(0, n + 1)), int(rng.choice(outside)))
+        texts.append("".join(map(chr, codes)))
+    for max_length in (16, 512):
+        assert ours.token_ids(texts, max_length) == ref(texts, truncation=True, max_length=max_length)["input_ids"]
