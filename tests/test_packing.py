@@ -331,10 +331,11 @@ def test_pack_host_arrays_equal_the_per_text_loop(k):
     for key in packing.PACKED_KEYS:
         np.testing.assert_array_equal(got[key], via_lists[key], err_msg=key)
     real = fallbacks = 0
-    for side, texts, r, length in (("query", queries, spec.query_rows, lq), ("document", None, spec.document_rows, ld)):
+    for side, r, length in (("query", spec.query_rows, lq), ("document", spec.document_rows, ld)):
         for j in range(blocks - first_block):
             rows = documents[j * m:(j + 1) * m]
-            block = queries[j * m:(j + 1) * m] if side == "query" else [d[0] for d in rows] + [t for d in rows for t in d[1:]]
+            block = ([d[0] for d in rows] + [t for d in rows for t in d[1:]] if side == "document"
+                     else queries[j * m:(j + 1) * m])
             fallbacks += packing.first_fit(np.array([[len(t) for t in block]]), length)[0][0] > r
             want, n = _reference_pack_side(block, layout[side][0][first_block + j], layout[side][1][first_block + j],
                                            r, length, 7)

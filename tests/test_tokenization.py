@@ -158,8 +158,9 @@ def test_bad_directories(tmp_path):
 
 # ------------------------------------------------------------------------- array tokeniser (char_wordpiece)
 _FUZZ_POOL = (
-    list("北京烤鸭是最有名的菜肴之一城市问题答案很好吃天气") + list("abcXYZ0189 ") * 3 + list("，。、；：！？（）《》“”…—·")
-    + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~") + ["\t", "\n", "\r", "\u3000", "\xa0", "\u2028", "\x0b", "\x1c"]
+    list("北京烤鸭是最有名的菜肴之一城市问题答案很好吃天气") + list("abcXYZ0189 ") * 3
+    + list("，。、；：！？（）《》“”…—·") + list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    + ["\t", "\n", "\r", "\u3000", "\xa0", "\u2028", "\x0b", "\x1c"]
     + list("ＡＢＣ１２３éñÅΣσςİ가각ッテ😀\u0301\u200b\x07\x00\ufffd\uf900\u2329\u037e") + ["\U00020000", "\ud800"]
     + ["[SEP]", "[MASK]", "[unused1]", "##", "[CLS", "x" * 101, "supercalifragilistic", "GPU", "Wi-Fi", "3.14"]
 )
@@ -221,8 +222,8 @@ def test_plain_texts_never_reach_the_backend(pair, monkeypatch):
     to the backend, alone."""
     ours, ref, _ = pair
     fast = ours._char_wordpiece()
-    texts = _plain_texts(2, 200) + ["", "   ", "a" * 150, "ＡＢＣ１２３", "Café naïve ÉCOLE", "日本語のテキスト",
-                                    "zero\u200bwidth\x07", "e\u0301\u0323 x", "Σ", "한국어", "😀", "含有 [SEP] 的文本"]
+    texts = _plain_texts(2, 200) + ["", "   ", "a" * 150, "ＡＢＣ１２３", "Café naïve ÉCOLE", "日本語のテキスト"]
+    texts += ["zero\u200bwidth\x07", "e\u0301\u0323 x", "Σ", "한국어", "😀", "含有 [SEP] 的文本"]
     sent = []
     real = fast._backend
     monkeypatch.setattr(fast, "_backend", lambda t, keep: sent.extend(t) or real(t, keep))
@@ -232,7 +233,8 @@ def test_plain_texts_never_reach_the_backend(pair, monkeypatch):
 
 def test_cased_vocab_and_non_bert_pipelines(tmp_path):
     shutil.copy(os.path.join(ZH_DIR, "vocab.txt"), tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}))
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     cased = Tokenizer.from_dir(tmp_path)
     assert cased._char_wordpiece() is not None and not cased._char_wordpiece().lowercase
     texts = _plain_texts(3, 50) + _fuzz_texts(4, 200)

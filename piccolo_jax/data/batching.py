@@ -23,8 +23,9 @@ With packing (`DataConfig.packing`, shapes from `packing.PackingSpec`) every hos
 B rows (not only its own: a record's stored bound covers its longest passage, too loose to pack by) and
 bounds each text from its characters; those bounds decide, on every host alike, whether the batch fits
 the packed shapes (`packed_layout`). If it does, each host tokenises and packs its own blocks
-(`packing.pack_host_arrays`, on the `Ragged` token arrays of `Tokenizer.token_arrays`), else it pads the batch as above (a fallback the loader counts). Reading all
-rows costs a multi-host run (hosts - 1) x B / hosts more record reads per step, no more tokenising.
+(`packing.pack_host_arrays`, on the `Ragged` token arrays of `Tokenizer.token_arrays`), else it pads the
+batch as above (a fallback the loader counts). Reading all rows costs a multi-host run (hosts - 1) x B /
+hosts more record reads per step, no more tokenising.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ which runs without the GIL); what stays per record in Python is reading and JSON
 describes the batches handed out, not the ones prefetched, so a resume repeats nothing and skips nothing.
 
 (Grain was considered: a batch here is a pure function of (seed, step), so exact resume needs no
-checkpointable iterator, and an ordered thread pool is all the parallelism the Rust tokenizer needs.)
+checkpointable iterator. Threads overlap building with the train step but scale little (numpy and
+JSON hold the GIL part of the time); one core builds ~5,000 finetune examples (64 / 512 tokens, K = 7)
+a second on benchmarks/bench_data.py's corpus, far ahead of any step, so there are no process workers.)
 """
 
 from __future__ import annotations
