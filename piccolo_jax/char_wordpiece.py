@@ -12,14 +12,13 @@ characters join into words that WordPiece splits. So the ids of a text are the i
     drop    control and format chars, accents      nothing, and does not end a word ("e\u0301" -> "e")
 
 and a word (maximal run of word / drop characters) gives WordPiece(n(c) for its word characters), from
-the backend's own model. `CharWordPiece.build(backend)` makes the per-code-point table from the backend
-itself: every character c of the Basic Multilingual Plane is run through the real pipeline as "x" + c + "x"
-and gets a class only if the normalised string, its pre-tokenised pieces and the ids all show exactly
-that class's behaviour (and c normalises to at most one character). A text with any other character
-(one that expands, such as a Hangul syllable under NFD; a combining mark that is kept; anything above
-U+FFFF, such as emoji) or containing an added token ("[SEP]", ...) is tokenised by the backend instead, so the
-ids are always the backend's. `encode` returns the ids of `[CLS] text [SEP]`, the text cut to `keep`
-tokens, as a `Ragged`.
+the backend's own model. The per-code-point table comes from the backend itself (`classify`, when a
+character is first seen): c is run through the real pipeline as "x" + c + "x" and gets a class only if
+the normalised string, its pre-tokenised pieces and the ids all show exactly that class's behaviour (and
+c normalises to at most one character). A text with any other character (one that expands, such as a
+Hangul syllable under NFD, or a combining mark that is kept) or containing an added token ("[SEP]", ...)
+is tokenised by the backend instead, so the ids are always the backend's. `encode` returns the ids of
+`[CLS] text [SEP]`, the text cut to `keep` tokens, as a `Ragged`.
 
 Eligible backends: WordPiece model, BertPreTokenizer, BertNormalizer or no normaliser, and added tokens
 matched on the raw text only (normalized false), as every BERT tokenizer in transformers' format.
@@ -40,24 +39,34 @@ import numpy as np
 from piccolo_jax.ragged import Ragged
 
 _UNSAFE, _SPACE, _SINGLE, _WORD, _DROP = 0, 1, 2, 3, 4
-_LIMIT = 0x10000  # the Basic Multilingual Plane; a text with any character above goes to the backend
 _CONTEXT_CASED = (0x3A3,)  # Greek capital sigma: final-sigma lower-casing looks at the next letter
 _CACHE_LIMIT = 1 << 18  # word splits kept; the cache is emptied when it grows past this
 
 
 class CharWordPiece:
-    """The table of one backend (see module doc); `encode(texts, keep, cls_id, sep_id)` -> Ragged."""
+    """The table of one backend (see module doc); `encode(texts, keep, cls_id, sep_id)` -> Ragged.
 
-    def __init__(self, backend, table: np.ndarray, single_id: np.ndarray, word_code: np.ndarray,
-                 trigger: np.ndarray, added: tuple[str, ...], lowercase: bool):
-        self.backend, self.model = backend, backend.model
-        self.table, self.single_id, self.word_code, self.trigger = table, single_id, word_code, trigger
+    Code points are classified when first seen (`classify`: one backend call for all new ones of a batch),
+    so the table costs nothing up front. Thread-safe: a code point's class is written before its `probed`
+    flag, and one not yet classified reads as unsafe, which only sends its text to the backend.
+    """
+
+    def __init__(self, backend, x_id: int, added: tuple[str, ...], lowercase: bool):
+        self.backend, self.model, self.x_id = backend, backend.model, x_id
+        self.table = np.zeros(0x110000, np.uint8)  # class per code point
+        self.single_id = np.zeros(0x110000, np.int32)  # singles: the token id
+        self.word_code = np.zeros(0x110000, np.uint32)  # word chars: the normalised code point
+        self.probed = np.zeros(0x110000, bool)
+        self.probed[0xD800:0xE000] = True  # lone surrogates: unsafe (the backend rejects them, as before)
+        self.probed[list(_CONTEXT_CASED)] = True
+        self.trigger = np.zeros(0x110000, bool)
+        self.trigger[[ord(t[0]) for t in added]] = True
         self.added, self.lowercase = added, lowercase
         self._words: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def build(cls, backend) -> CharWordPiece | None:
-        """The table for `backend`, or None when its pipeline is not BERT's (module doc)."""
+        """The (empty) table for `backend`, or None when its pipeline is not BERT's (module doc)."""
         spec = json.loads(backend.to_str())
         norm, pre, model = spec.get("normalizer"), spec.get("pre_tokenizer") or {}, spec.get("model") or {}
         if (model.get("type") != "WordPiece" or pre.get("type") != "BertPreTokenizer"
@@ -66,36 +75,43 @@ class CharWordPiece:
         added_tokens = spec.get("added_tokens") or []
         if any(t.get("normalized") for t in added_tokens):
             return None
-        added = tuple(t["content"] for t in added_tokens if t.get("content"))
-        model_ids = lambda word: [t.id for t in backend.model.tokenize(word)]  # noqa: E731
-        x_ids = model_ids("x")
+        x_ids = [t.id for t in backend.model.tokenize("x")]
         if len(x_ids) != 1:
             return None
-        x = x_ids[0]
+        added = tuple(t["content"] for t in added_tokens if t.get("content"))
+        lowercase = backend.normalizer is not None and backend.normalizer.normalize_str("A") == "a"
+        return cls(backend, x_ids[0], added, lowercase)
+
+    def classify(self, codes) -> None:
+        """Classify the code points `codes` (not yet probed) by running "x" + c + "x" through the backend:
+        c gets a class only if the normalised string, its pre-tokenised pieces and the ids all show that
+        class's behaviour (module doc) and c normalises to at most one character that is not a combining
+        mark (NFD would reorder a kept mark across characters); otherwise it stays unsafe."""
+        backend, x = self.backend, self.x_id
         normalize = backend.normalizer.normalize_str if backend.normalizer is not None else (lambda s: s)
         pieces = backend.pre_tokenizer.pre_tokenize_str
-        codes = [cp for cp in range(_LIMIT) if not 0xD800 <= cp < 0xE000 and cp not in _CONTEXT_CASED]
+        model_ids = lambda word: [t.id for t in self.model.tokenize(word)]  # noqa: E731
+        codes = [int(cp) for cp in codes if not self.probed[cp]]
         encodings = backend.encode_batch([f"x{chr(cp)}x" for cp in codes], add_special_tokens=False)
-        table = np.zeros(0x110000, np.uint8)
-        single_id = np.zeros(0x110000, np.int32)
-        word_code = np.zeros(0x110000, np.uint32)
         for cp, encoding in zip(codes, encodings):
             ch, ids = chr(cp), encoding.ids
-            out, core = normalize(ch), normalize(ch).strip(" ")
+            out = normalize(ch)
+            core = out.strip(" ")
             if len(core) > 1 or (core == "" and out not in ("", " ")) or (core and unicodedata.combining(core)):
-                continue  # expands, or a kept combining mark (NFD would reorder it across characters)
+                self.probed[cp] = True
+                continue
             split = [p for p, _ in pieces(normalize(f"x{ch}x"))]
             if out == " " and split == ["x", "x"] and ids == [x, x]:
-                table[cp] = _SPACE
+                self.table[cp] = _SPACE
             elif out == "" and split == ["xx"] and ids == model_ids("xx"):
-                table[cp] = _DROP
+                self.table[cp] = _DROP
             elif core and split == ["x", core, "x"] and len(ids) == 3 and ids[0] == ids[2] == x:
-                table[cp], single_id[cp] = _SINGLE, ids[1]
+                self.single_id[cp] = ids[1]
+                self.table[cp] = _SINGLE
             elif out == core and split == [f"x{core}x"] and ids == model_ids(f"x{core}x"):
-                table[cp], word_code[cp] = _WORD, ord(core)
-        trigger = np.zeros(0x110000, bool)
-        trigger[[ord(t[0]) for t in added]] = True
-        return cls(backend, table, single_id, word_code, trigger, added, normalize("A") == "a")
+                self.word_code[cp] = ord(core)
+                self.table[cp] = _WORD
+            self.probed[cp] = True
 
     def _word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         cache = self._words
@@ -119,6 +135,9 @@ class CharWordPiece:
         lengths = np.fromiter(map(len, texts), np.int64, n)
         joined = "".join(texts)
         codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), np.uint32)
+        unseen = ~self.probed[codes]
+        if unseen.any():
+            self.classify(np.unique(codes[unseen]))
         kind = self.table[codes]
         char_start = np.cumsum(lengths) - lengths
         text_of_char = np.repeat(np.arange(n), lengths)

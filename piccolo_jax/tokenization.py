@@ -115,7 +115,6 @@ def char_token_bounds(texts: Sequence[str]) -> np.ndarray:
 
 _CHAR_WORDPIECE: dict[str, CharWordPiece | None] = {}  # backend JSON digest -> its array tokeniser
 _CHAR_WORDPIECE_LOCK = threading.Lock()
-_ARRAY_MIN_TEXTS = 64  # a call with fewer texts uses the backend until the array tokeniser exists
 _NORMALIZER_CHECKS: dict[str, bool] = {}  # normaliser JSON -> _normalizer_within_weights
 
 
@@ -204,7 +203,7 @@ class Tokenizer:
         if prefix:
             texts = [prefix + t for t in texts]
         keep = max_length - self.num_special
-        fast = self._char_wordpiece(build=len(texts) >= _ARRAY_MIN_TEXTS)
+        fast = self._char_wordpiece()
         if fast is not None:
             return fast.encode(texts, keep, self.cls_id, self.sep_id)
         # encode_batch_fast (tokenizers >= 0.20) skips the character offsets we do not use.
@@ -216,17 +215,16 @@ class Tokenizer:
         """Ids of `[CLS] prefix+text [SEP]` per text, the text cut so that the total is <= max_length."""
         return self.token_arrays(texts, max_length, prefix).to_lists()
 
-    def _char_wordpiece(self, build: bool = True) -> CharWordPiece | None:
-        """The array tokeniser of this backend (one per pipeline and process; building it takes about a
-        second, so `build` False returns None until some call has built it), None if not BERT's."""
+    def _char_wordpiece(self) -> CharWordPiece | None:
+        """The array tokeniser of this backend (one per pipeline and process), None if not BERT's."""
         if self._array_key is None:
             self._array_key = hashlib.sha256(self.backend.to_str().encode()).hexdigest()
         key = self._array_key
-        if key not in _CHAR_WORDPIECE and build:
+        if key not in _CHAR_WORDPIECE:
             with _CHAR_WORDPIECE_LOCK:
                 if key not in _CHAR_WORDPIECE:
                     _CHAR_WORDPIECE[key] = CharWordPiece.build(self.backend)
-        return _CHAR_WORDPIECE.get(key)
+        return _CHAR_WORDPIECE[key]
 
     def pad(self, ids: Ragged | Sequence[Sequence[int]], length: int) -> dict[str, np.ndarray]:
         """input_ids / attention_mask [N, length] int32; every row must fit in `length`."""
