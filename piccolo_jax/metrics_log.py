@@ -140,7 +140,8 @@ class ProgressBar:
     with a bar in front when the terminal has room (>= 110 columns). Metrics are loss, in-batch accuracy,
     learning rate, examples/s and MFU (GFLOP/s where the device's peak is unknown, e.g. a CPU); the first
     window includes compiling the step, so its rates read "(compiling)". When stdout is not a terminal
-    (a log file, a batch job) the same line is logged at every `run.log_every` instead of a bar.
+    (a log file, a batch job) the same line is logged at every `run.log_every` instead of a bar, with the
+    packing efficiency (real / computed tokens) at its end when the run packs.
     """
 
     def __init__(self, total: int, initial: int, enabled: bool = True):
@@ -175,6 +176,8 @@ class ProgressBar:
                 parts.append(f"MFU {m['gflops_per_s'] * 1e9 / (self._peak * jax.device_count()):.0%}")
             else:
                 parts.append(f"{_rate(m['gflops_per_s'])} GFLOP/s")
+        if self._lines and "packing_efficiency" in m:  # log lines only: the bar keeps to 80 columns
+            parts.append(f"packed {m['packing_efficiency']:.0%}")
         return " ".join(parts)
 
     def update(self, step: int, m: dict, first_window: bool = False) -> None:

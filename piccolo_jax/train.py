@@ -330,6 +330,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     watch = _StepWatch(cfg.run.max_consecutive_skipped, int(state.skipped))
     by_task: dict[str, dict] = {}
     t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
+    fallbacks_told = None  # the fallback count the log last stated (None: not yet)
     try:
         while step < cfg.run.steps:
             if processes == 1 and stop:  # one process: stop at once; many: when all agree (below)
@@ -358,9 +359,13 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
                         "gflops_per_s": flops / dt / 1e9, **loader.metrics()}
                 if cfg.data.packing:  # real tokens / computed tokens over the steps since the last line
                     last["packing_efficiency"] = tokens / max(computed, 1)
-                    log.info("step %d packing: %.0f%% of the computed tokens are real; %d batch(es) padded "
-                             "instead (did not fit the packed shapes)", step, 100 * last["packing_efficiency"],
-                             loader.packing_fallbacks)
+                    # a line of its own on the first window, the last step and when a batch fell back
+                    if (fallbacks_told is None or loader.packing_fallbacks != fallbacks_told
+                            or step == cfg.run.steps):
+                        log.info("step %d packing: %.0f%% of the computed tokens are real; %d batch(es) padded "
+                                 "instead (did not fit the packed shapes)", step,
+                                 100 * last["packing_efficiency"], loader.packing_fallbacks)
+                        fallbacks_told = loader.packing_fallbacks
                 metrics_log.write(step, last)
                 bar.update(step, last, first_window=t_last == 0.0 or step <= start + cfg.run.log_every)
                 t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
