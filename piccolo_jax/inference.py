@@ -24,8 +24,10 @@ embeddings). `embed` is the array-level function (token ids -> embeddings) for u
 programs.
 
 Multi-process (after `jax.distributed.initialize`; the default mesh then holds every process's devices):
-every process calls `encode` with the same texts and derives the same batch plan (the same tokens, the
-same batch-shard count S as one process over all devices, so the same batches), without talking. Each
+every process calls `encode` with the same texts. Process p of P tokenises texts p, p + P, p + 2P, ...;
+the token counts (4 bytes a text) are all-gathered, so every process derives the same batch plan (the
+same batch-shard count S as one process over all devices, so the same batches); each then tokenises the
+other texts its own devices' rows hold (about 2N / P texts tokenised per process in all, not N). Each
 process packs and runs only the blocks of its own devices (`jax.make_array_from_callback`), each device
 computes exactly the block it would compute in one process over all devices, and at the end of the call
 `distributed.gather_rows` copies every process's rows to every process: the embeddings are bit-identical
@@ -292,19 +294,26 @@ class Encoder:
         out_nd = np.zeros((len(texts), self.dim), dtype=np.float32)
         owners_n = np.zeros(len(texts), np.int32) if self.spans_processes else None  # process of each row
         progress = _progress(len(texts), show_progress)
-        for start in range(0, len(texts), CHUNK_TEXTS):  # bounded host memory for the token ids
-            token_ids = self.tokenizer.token_ids(texts[start:start + CHUNK_TEXTS], max_length, prefix)
-            lengths_n = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        def plan(lengths_n):
             if self.packing:
-                plans = packing.plan_packed_batches(lengths_n, budget, lambda n: bucket_length(n, max_length),
-                                                    self.num_shards, batch_size)
-                for batch, e_bsd, owners in self._run(None, token_ids, plans, normalize):
+                return packing.plan_packed_batches(lengths_n, budget, lambda n: bucket_length(n, max_length),
+                                                   self.num_shards, batch_size)
+            return plan_batches(lengths_n, budget, max_length, self.num_shards, batch_size)
+
+        for start in range(0, len(texts), CHUNK_TEXTS):  # bounded host memory for the token ids
+            chunk = texts[start:start + CHUNK_TEXTS]
+            if self.spans_processes:
+                token_ids, batches = self._tokenise_shares(chunk, max_length, prefix, plan)
+            else:
+                token_ids = self.tokenizer.token_ids(chunk, max_length, prefix)
+                batches = plan(np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids)))
+            if self.packing:
+                for batch, e_bsd, owners in self._run(None, token_ids, batches, normalize):
                     out_nd[start + batch.texts] = e_bsd[batch.block, batch.slot]
                     if owners_n is not None:
                         owners_n[start + batch.texts] = owners[batch.block]
                     progress.update(len(batch.texts))
                 continue
-            batches = plan_batches(lengths_n, budget, max_length, self.num_shards, batch_size)
             for batch, e_bd, owners in self._run(self.embed_fn(normalize), token_ids, batches, normalize):
                 out_nd[start + batch.rows] = e_bd[:len(batch.rows)]
                 if owners_n is not None:
@@ -316,6 +325,40 @@ class Encoder:
         if dim is not None:
             out_nd = truncate_embeddings(out_nd, int(dim), normalize)
         return out_nd[0] if single else out_nd
+
+    def _token_ids(self, texts: list[str], max_length: int, prefix: str) -> list:
+        return self.tokenizer.token_ids(texts, max_length, prefix) if texts else []
+
+    def _tokenise_shares(self, texts: list[str], max_length: int, prefix: str, plan) -> tuple[list, list]:
+        """Over several processes: (token ids, batch plan), tokenising a 1 / P share for the token counts
+        (all-gathered), then the texts of this process's own rows. A text no row of this process holds
+        gets zeros of its length (its rows are never read here: `_rows` fills this process's devices)."""
+        me, count, n = jax.process_index(), jax.process_count(), len(texts)
+        share = np.arange(me, n, count)
+        token_ids: list = [None] * n
+        for i, ids in zip(share, self._token_ids([texts[i] for i in share], max_length, prefix)):
+            token_ids[i] = ids
+        lengths_n1 = np.zeros((n, 1), np.int32)
+        lengths_n1[share, 0] = [len(token_ids[i]) for i in share]
+        lengths_n = distributed.gather_rows(lengths_n1, np.arange(n, dtype=np.int32) % count)[:, 0].astype(np.int64)
+        batches = plan(lengths_n)
+        rows_sharding = sharding.batch_sharding(self.mesh, 2)
+        needed = []
+        for b in batches:
+            shape = (b.blocks * b.rows_per_block, b.length) if self.packing else (b.num_rows, b.length)
+            mine_r = np.zeros(shape[0], bool)
+            for index in rows_sharding.addressable_devices_indices_map(shape).values():
+                mine_r[index[0]] = True
+            if self.packing:
+                needed.append(b.texts[mine_r[b.block * b.rows_per_block + b.row]])
+            else:
+                needed.append(b.rows[mine_r[:len(b.rows)]])
+        todo = [int(i) for i in np.unique(np.concatenate(needed or [np.zeros(0, np.int64)]))
+                if token_ids[i] is None]
+        for i, ids in zip(todo, self._token_ids([texts[i] for i in todo], max_length, prefix)):
+            token_ids[i] = ids
+        zeros = np.zeros(max_length, np.int32)
+        return [zeros[:lengths_n[i]] if t is None else t for i, t in enumerate(token_ids)], batches
 
     def _run(self, fn, token_ids, batches: list, normalize: bool
              ) -> Iterator[tuple[Any, np.ndarray, np.ndarray | None]]:
