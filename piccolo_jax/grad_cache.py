@@ -122,37 +122,43 @@ def loss_and_grads(encode_fn: EncodeFn, loss_fn: LossFn, params: Any, batch: Bat
         t = {**t, "n_ids": t.get("n_ids"), "n_mask": t.get("n_mask")}
         return _encode_rows(encode_fn, p, t, r, key, k)
 
-    # Pass one: embeddings only; lax.map keeps no activations between chunks.
-    q_c, p_c, n_c = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), xs, key), (towers_c, rows_c))
-    # Back in row order, still split by rows (not by the embedding axis, which fsdp shards parameters on).
+    return _two_passes(embed, loss_fn, params, key, (towers_c, rows_c), k, shards, num_chunks, constrain, local_sum)
+
+
+def _two_passes(embed, loss_fn: LossFn, params: Any, key, inputs_c, k: int, shards: int, num_chunks: int,
+                constrain, local_sum) -> tuple[jax.Array, dict, Any]:
+    """Gradient caching over chunk-major inputs `inputs_c` ([C, ...] leaves): `embed(params, chunk, key)`
+    -> (q, p, negs | None) of one chunk, in chunk row order.
+
+    Pass one embeds every chunk without gradients (lax.map keeps no activations between chunks); the loss
+    and dL/d(embeddings) are taken over the whole global batch, back in row order (still split by rows,
+    not by the embedding axis, which fsdp shards parameters on); pass two re-encodes each chunk and
+    back-propagates its cached gradients, summing over chunks (per shard with `local_sum`: one all-reduce
+    of the gradient per step)."""
+    q_c, p_c, n_c = jax.lax.map(lambda xs: embed(jax.lax.stop_gradient(params), xs, key), inputs_c)
     q, p = constrain(from_chunks(q_c, shards), 0), constrain(from_chunks(p_c, shards), 0)
     n = constrain(from_chunks(n_c, shards), 0) if k else None
 
-    # Loss and dL/d(embeddings) over the whole global batch.
     argnums = (0, 1, 2) if k else (0, 1)
     (loss, metrics), emb_grads = jax.value_and_grad(
         lambda *e: loss_fn(*e) if k else loss_fn(e[0], e[1], None), argnums=argnums, has_aux=True)(q, p, *(
             (n,) if k else ()))
     cached = tuple(constrain(to_chunks(g, shards, num_chunks), 1) for g in emb_grads)
 
-    # Pass two: re-encode each chunk and back-propagate its cached gradients, summing over chunks.
     def pass_two(replicated, chunks):
         p0, key0 = replicated
 
         def accumulate(acc, xs):
-            t_r, g = xs
-            _, vjp = jax.vjp(lambda p: embed(p, t_r, key0)[: len(g)], p0)
+            chunk, g = xs
+            _, vjp = jax.vjp(lambda p: embed(p, chunk, key0)[: len(g)], p0)
             (g_params,) = vjp(g)
             return jax.tree.map(jnp.add, acc, g_params), None
 
         grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, p0), chunks)
         return grads
 
-    chunks = ((towers_c, rows_c), cached)
-    if local_sum is None:
-        grads = pass_two((params, key), chunks)
-    else:  # each shard accumulates its rows' contribution; one all-reduce of the gradient per step
-        grads = local_sum(pass_two, (params, key), chunks)
+    chunks = (inputs_c, cached)
+    grads = pass_two((params, key), chunks) if local_sum is None else local_sum(pass_two, (params, key), chunks)
     return loss, metrics, grads
 
 
@@ -210,9 +216,6 @@ def packed_loss_and_grads(encode_packed_fn: EncodePackedFn, loss_fn: LossFn, par
     def embed(p, t, key, constrain=lambda x, axis: x):
         return _encode_packed_rows(encode_packed_fn, p, t, key, b, k, m, rows, constrain)
 
-    def combine(e_c):  # [C, S m, ...] chunk-major -> [B, ...] row order, still split by rows
-        return None if e_c is None else constrain(from_chunks(e_c, s), 0)
-
     if c == 1:
         def total_loss(p):
             q, d, n = embed(p, jax.tree.map(lambda x: x[0], towers_c), key, constrain)
@@ -220,26 +223,4 @@ def packed_loss_and_grads(encode_packed_fn: EncodePackedFn, loss_fn: LossFn, par
         (loss, metrics), grads = jax.value_and_grad(total_loss, has_aux=True)(params)
         return loss, metrics, grads
 
-    q_c, p_c, n_c = jax.lax.map(lambda t: embed(jax.lax.stop_gradient(params), t, key), towers_c)
-    q, p, n = combine(q_c), combine(p_c), combine(n_c)
-    argnums = (0, 1, 2) if k else (0, 1)
-    (loss, metrics), emb_grads = jax.value_and_grad(
-        lambda *e: loss_fn(*e) if k else loss_fn(e[0], e[1], None), argnums=argnums, has_aux=True)(q, p, *(
-            (n,) if k else ()))
-    cached = tuple(constrain(to_chunks(g, s, c), 1) for g in emb_grads)
-
-    def pass_two(replicated, chunks):
-        p0, key0 = replicated
-
-        def accumulate(acc, xs):
-            t, g = xs
-            _, vjp = jax.vjp(lambda p: embed(p, t, key0)[: len(g)], p0)
-            (g_params,) = vjp(g)
-            return jax.tree.map(jnp.add, acc, g_params), None
-
-        grads, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, p0), chunks)
-        return grads
-
-    chunks = (towers_c, cached)
-    grads = pass_two((params, key), chunks) if local_sum is None else local_sum(pass_two, (params, key), chunks)
-    return loss, metrics, grads
+    return _two_passes(embed, loss_fn, params, key, towers_c, k, s, c, constrain, local_sum)
