@@ -24,8 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from piccolo_jax.data import DataConfig, make_loader  # noqa: E402
-from piccolo_jax.tokenization import Tokenizer  # noqa: E402
+from piccolo_jax.config import DataConfig
+from piccolo_jax.data.loader import make_loader  # noqa: E402
+from piccolo_jax.text.tokenizer import Tokenizer  # noqa: E402
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tokenizer")
 STAGES = {  # query chars, passage chars, K, query / passage max length
@@ -124,10 +125,11 @@ def measure_step_rate(stage: str, batch: int, steps: int = 2) -> float:
     import jax
     import numpy as np
 
-    from piccolo_jax import sharding
-    from piccolo_jax.model_config import PICCOLO_BASE_ZH
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+    from piccolo_jax.config.model import PICCOLO_BASE_ZH
+    from piccolo_jax.parallel import sharding
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.state import create_train_state
+    from piccolo_jax.training.step import LossConfig, make_train_step
 
     _, _, k, q_len, p_len = STAGES[stage]
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])

@@ -170,9 +170,9 @@ def child_open(kind: str, paths: list[str], batches: int, loader: bool) -> dict:
 
 
 def child_loader(sources) -> dict:
-    from piccolo_jax.data import DataConfig
+    from piccolo_jax.config import DataConfig
     from piccolo_jax.data.loader import Loader
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(TOKENIZER_DIR)
     cfg = DataConfig(global_batch_size=BATCH, num_negatives=0, query_max_length=128, passage_max_length=128,

@@ -44,8 +44,8 @@ def load_models(name: str):
     import torch
     import transformers
 
+    from piccolo_jax.config.model import ModelConfig
     from piccolo_jax.hf import hf_to_params, load_hf_model, params_to_hf
-    from piccolo_jax.model_config import ModelConfig
 
     if name == "minilm":
         path = minilm_dir()
@@ -79,7 +79,7 @@ def bench_point(name, cfg, params_dev, model, length, batch, reps):
     import jax.numpy as jnp
     import torch
 
-    from piccolo_jax.model import encode
+    from piccolo_jax.model.bert import encode
 
     ids, mask = make_batch(cfg.vocab_size, batch, length)
     jit_encode = jax.jit(lambda p, i, m: encode(cfg, p, i, m)["embeddings"])

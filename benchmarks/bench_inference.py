@@ -76,7 +76,8 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from piccolo_jax.inference import Encoder, plan_batches
+    from piccolo_jax.inference.batching import plan_batches
+    from piccolo_jax.inference.encoder import Encoder
 
     enc = Encoder.load(model_dir)
     st = SentenceTransformer(model_dir, device="cpu")

@@ -3,7 +3,7 @@
 Two modes; both compile the real step (`train_step.make_train_step`, AdamW from the config) on abstract
 inputs (nothing is allocated) and read `memory_analysis()`: arguments (train state + batch), outputs
 (new state + metrics), the bytes aliased between them by donation, and temporaries.
-Peak = arguments + outputs - aliased + temporaries (`piccolo_jax.memory.compiled_peak_bytes`).
+Peak = arguments + outputs - aliased + temporaries (`piccolo_jax.training.memory.compiled_peak_bytes`).
 
 --model base: piccolo-base-zh (768 / 12 layers, vocab 21,128) at the shapes of configs/pretrain.toml
 (32,768 pairs x 128 / 128 tokens) and configs/finetune.toml (1,024 queries x 64 tokens, 1 + 7 passages
@@ -51,10 +51,10 @@ from benchmarks import common  # noqa: E402
 def compiled_memory(model_cfg, pairs: int, length: int, num_chunks: int, block_size: int) -> dict[str, int]:
     import jax
 
-    from piccolo_jax import memory
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.sharding import MeshConfig, make_mesh
-    from piccolo_jax.train_step import LossConfig
+    from piccolo_jax.parallel.sharding import MeshConfig, make_mesh
+    from piccolo_jax.training import memory
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.step import LossConfig
 
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(), total_steps=1_000)
@@ -68,7 +68,7 @@ def compiled_memory(model_cfg, pairs: int, length: int, num_chunks: int, block_s
 def run_small(args):
     import jax
 
-    from piccolo_jax.model_config import ModelConfig
+    from piccolo_jax.config.model import ModelConfig
 
     cfg = ModelConfig(vocab_size=21128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=512, max_position_embeddings=max(64, args.length),
@@ -127,11 +127,11 @@ def recipe_point(recipe: str, devices: int, num_chunks: int, remat: str | None) 
 
     import jax
 
-    from piccolo_jax import memory
     from piccolo_jax.config import load_config
-    from piccolo_jax.optim import make_optimizer
-    from piccolo_jax.resources import find_config
-    from piccolo_jax.sharding import make_mesh
+    from piccolo_jax.io.resources import find_config
+    from piccolo_jax.parallel.sharding import make_mesh
+    from piccolo_jax.training import memory
+    from piccolo_jax.training.optim import make_optimizer
 
     cfg = load_config(find_config(recipe), recipe)
     model_cfg = cfg.model if remat is None else cfg.model.replace(remat=remat)
@@ -150,7 +150,7 @@ def recipe_point(recipe: str, devices: int, num_chunks: int, remat: str | None) 
 
 
 def fits(peak: int, size_gb: float, fraction: float) -> bool:
-    from piccolo_jax.memory import HEADROOM, GiB
+    from piccolo_jax.training.memory import HEADROOM, GiB
 
     return peak <= HEADROOM * fraction * size_gb * GiB
 
@@ -158,7 +158,7 @@ def fits(peak: int, size_gb: float, fraction: float) -> bool:
 def run_base(args) -> None:
     import jax
 
-    from piccolo_jax.memory import HEADROOM, GiB
+    from piccolo_jax.training.memory import HEADROOM, GiB
 
     print(common.environment_line())
     recipes = args.recipes.split(",")

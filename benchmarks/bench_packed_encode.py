@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from piccolo_jax.inference import Encoder
+    from piccolo_jax.inference.encoder import Encoder
 
     enc = Encoder.load(args.model)
     padded = Encoder(enc.cfg, enc.params, enc.tokenizer, mesh=enc.mesh, max_length=enc.max_length, packing=False)

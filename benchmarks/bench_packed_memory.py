@@ -4,8 +4,8 @@
     python benchmarks/bench_packed_memory.py --batches 64,256,1024,4096 --chunk 64
 
 The step (`train_step.make_train_step`, AdamW) is compiled on abstract packed batches
-(`packing.abstract_batch`; nothing is allocated) and XLA's `memory_analysis()` read: peak = arguments +
-outputs - aliased + temporaries (`piccolo_jax.memory`). A chunk is `--chunk` pairs (num_chunks = B /
+(`memory.abstract_packed_batch`; nothing is allocated) and XLA's `memory_analysis()` read: peak = arguments +
+outputs - aliased + temporaries (`piccolo_jax.training.memory`). A chunk is `--chunk` pairs (num_chunks = B /
 chunk); its packed shapes are those `Loader.enable_packing` picks for the skewed-length Chinese corpus
 of benchmarks/skewed_corpus.py at max length 128 (rows of 128 tokens), so every chunk computes the same
 tokens whatever B. What still grows with B: the per-text token counts, the embeddings and their cached
@@ -30,9 +30,10 @@ from benchmarks import common, skewed_corpus  # noqa: E402
 
 def packed_rows(chunk: int, length: int) -> tuple[int, int]:
     """(R_q, R_d) that the loader picks for one chunk of `chunk` pairs of the skewed corpus."""
-    from piccolo_jax.data import DataConfig, make_loader
-    from piccolo_jax.resources import bundled_tokenizer
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.config import DataConfig
+    from piccolo_jax.data.loader import make_loader
+    from piccolo_jax.io.resources import bundled_tokenizer
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(bundled_tokenizer())
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,10 +48,10 @@ def packed_rows(chunk: int, length: int) -> tuple[int, int]:
 def peak(model_cfg, batch, num_chunks: int) -> dict[str, int]:
     import jax
 
-    from piccolo_jax import memory
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.sharding import MeshConfig, make_mesh
-    from piccolo_jax.train_step import LossConfig
+    from piccolo_jax.parallel.sharding import MeshConfig, make_mesh
+    from piccolo_jax.training import memory
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.step import LossConfig
 
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(), total_steps=1_000)
@@ -66,8 +67,9 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=128, help="max length of both sides (packed row length)")
     args = ap.parse_args(argv)
 
-    from piccolo_jax import memory, packing
-    from piccolo_jax.model_config import ModelConfig
+    from piccolo_jax.config.model import ModelConfig
+    from piccolo_jax.data import packing
+    from piccolo_jax.training import memory
 
     cfg = ModelConfig(vocab_size=21128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=512, max_position_embeddings=512)
@@ -80,7 +82,7 @@ def main(argv=None):
     for b in [int(x) for x in args.batches.split(",")]:
         chunks = max(1, b // args.chunk)
         spec = packing.PackingSpec(1, chunks, rq, args.length, rd, args.length)
-        p = peak(cfg, lambda mesh, spec=spec, b=b: packing.abstract_batch(mesh, spec, b), chunks)
+        p = peak(cfg, lambda mesh, spec=spec, b=b: memory.abstract_packed_batch(mesh, spec, b), chunks)
         q = peak(cfg, lambda mesh, b=b: memory.abstract_batch(mesh, b, args.length, args.length), chunks)
         first = first or p["peak"]
         rows.append([b, chunks, p["temporaries"] / mib, p["peak"] / mib, f"{p['peak'] / first:.2f}x",

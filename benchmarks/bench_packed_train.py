@@ -57,7 +57,8 @@ def minilm_dir() -> str:
 
 def loader_batches(path: Path, tokenizer, n: int, packed: bool, chunks: int, **data) -> tuple[list[dict], str]:
     """n host batches of the real loader (packed after `enable_packing(1, chunks)`, else padded)."""
-    from piccolo_jax.data import DataConfig, make_loader
+    from piccolo_jax.config import DataConfig
+    from piccolo_jax.data.loader import make_loader
 
     cfg = DataConfig(paths=(str(path),), query_prefix="", passage_prefix="", num_workers=0, packing=packed, **data)
     loader = make_loader(cfg, tokenizer)
@@ -71,10 +72,15 @@ def jax_side(cfg, params, kind: str, chunks: int):
     """(run(batch) -> seconds, first loss) for our train step on one device."""
     import jax
 
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.packing import step_arrays
-    from piccolo_jax.sharding import MeshConfig, host_local_to_global, make_mesh
-    from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+    from piccolo_jax.data.packing import step_arrays
+    from piccolo_jax.parallel.sharding import (
+        MeshConfig,
+        host_local_to_global,
+        make_mesh,
+    )
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.state import create_train_state
+    from piccolo_jax.training.step import LossConfig, make_train_step
 
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=WEIGHT_DECAY,
@@ -99,7 +105,9 @@ def st_side(model_dir: str, max_length: int, mini_batch: int):
     from sentence_transformers import SentenceTransformer
 
     try:
-        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.losses import (
+            CachedMultipleNegativesRankingLoss,
+        )
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
@@ -128,7 +136,7 @@ def st_side(model_dir: str, max_length: int, mini_batch: int):
 
 
 def tokens_of(batch) -> tuple[int, int]:
-    from piccolo_jax.packing import token_counts
+    from piccolo_jax.data.packing import token_counts
 
     return token_counts(batch)
 
@@ -153,7 +161,7 @@ def timed_rounds(sides: dict, batches: dict, rounds: int) -> dict[str, list[floa
 
 def pretrain_case(args, tmp: Path) -> list:
     from piccolo_jax.hf import load_hf_model
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     model_dir = minilm_dir()
     tok = Tokenizer.from_dir(model_dir)
@@ -185,7 +193,7 @@ def pretrain_case(args, tmp: Path) -> list:
 
 def finetune_case(args, tmp: Path) -> list:
     from piccolo_jax.hf import load_hf_model
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     model_dir = minilm_dir()
     tok = Tokenizer.from_dir(model_dir)

@@ -5,7 +5,7 @@ encode queries and positives with the BERT encoder (dropout on, as in training, 
 mean-pool over non-padding tokens, L2-normalise, in-batch softmax loss with the same temperature
 (cross-entropy of q @ p.T / tau against the diagonal), clip the global gradient norm to 1.0, AdamW
 (lr 2e-5, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 on matrices only: no decay on biases and
-LayerNorm). JAX: `piccolo_jax.train_step.make_train_step` on a one-device mesh (strategy "dp"), which
+LayerNorm). JAX: `piccolo_jax.training.step.make_train_step` on a one-device mesh (strategy "dp"), which
 also carries its non-finite guard. PyTorch: `transformers.BertModel` (default SDPA attention),
 `torch.optim.AdamW` with its default implementation, `clip_grad_norm_`.
 
@@ -13,7 +13,7 @@ Reported: examples/s (one example = one pair = two sequences), the JAX/PyTorch r
 faster), and the achieved matmul GFLOP/s against a 4096^3 float32 matmul timed in the same run with
 `jnp.dot` and `torch.mm`. On a GPU (jax.default_backend() == "gpu") the JAX step runs the configured
 pretrain workload in bfloat16 — 2,048 pairs x 128 tokens per step through 8 gradient-caching chunks,
-remat "full" — and the table gives its MFU against the device's dense bf16 peak (piccolo_jax.accelerators);
+remat "full" — and the table gives its MFU against the device's dense bf16 peak (piccolo_jax.training.flops);
 PyTorch, when it sees CUDA, runs its plain step at one chunk's size (256 pairs: it has no gradient caching),
 compared per pair. JAX does not preallocate GPU memory here (XLA_PYTHON_CLIENT_PREALLOCATE=false), so that
 PyTorch can share the device.
@@ -76,9 +76,14 @@ def train_step_flops(shape: dict, length: int, pairs: int) -> float:
 def jax_setup(cfg, params_np, batch_np, gpu: bool, num_chunks: int = 1):
     import jax
 
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.sharding import MeshConfig, host_local_to_global, make_mesh
-    from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+    from piccolo_jax.parallel.sharding import (
+        MeshConfig,
+        host_local_to_global,
+        make_mesh,
+    )
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.state import create_train_state
+    from piccolo_jax.training.step import LossConfig, make_train_step
 
     mesh = make_mesh(MeshConfig(data=1, strategy="dp"), devices=jax.devices()[:1])
     optimizer = make_optimizer(OptimConfig(lr=LR, warmup_steps=0, schedule="constant", weight_decay=WEIGHT_DECAY,
@@ -134,7 +139,7 @@ def torch_setup(hf_model, batch_np, dropout: float, device: str, bf16: bool):
 def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device, num_chunks=1, remat="none"):
     import jax
 
-    from piccolo_jax.model_config import ModelConfig
+    from piccolo_jax.config.model import ModelConfig
 
     shape = SHAPES[name]
     hf_model = None
@@ -152,7 +157,7 @@ def bench_shape(name, length, pairs, dropout, reps, gpu, torch_device, num_chunk
                                        remat=remat)
         params, _ = hf_to_params({k: v.detach().numpy() for k, v in hf_model.state_dict().items()}, cfg)
     except ImportError:  # JAX only (e.g. a GPU machine without PyTorch): random weights
-        from piccolo_jax.model import init_params
+        from piccolo_jax.model.bert import init_params
 
         cfg = ModelConfig(**shape, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                           compute_dtype="bfloat16" if gpu else "float32", remat=remat)

@@ -13,9 +13,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+
 def peak_tflops(device_kind: str, dtype: str = "bfloat16") -> float | None:
     """Dense matmul peak for a device kind in TFLOP/s (None when unknown, e.g. a CPU): the trainer's table."""
-    from piccolo_jax.accelerators import peak_flops
+    from piccolo_jax.training.flops import peak_flops
 
     peak = peak_flops(device_kind, dtype)
     return None if peak is None else peak / 1e12
@@ -99,16 +100,14 @@ def matmul_peak_gflops(n: int = 4096, reps: int = 5) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------- FLOP counts
 def encoder_matmul_flops(hidden: int, layers: int, ffn: int, tokens_per_seq: int, seqs: int) -> float:
-    """Matmul FLOPs of one BERT forward (projections, attention scores and values, FFN), 2 FLOPs / MAC.
+    """Matmul FLOPs of one BERT forward over `seqs` sequences (`piccolo_jax.training.flops.encoder_flops`,
+    the trainer's MFU arithmetic). A training step (forward + backward) is 3x this."""
+    from types import SimpleNamespace
 
-    Per layer and token: QKV + output projections 4 D^2, FFN 2 D F, attention 2 T D (QK^T and PV);
-    so forward = 2 * seqs * T * L * (4 D^2 + 2 D F + 2 T D). Embedding lookups, LayerNorm, softmax,
-    GELU and pooling are not counted (they are not matmuls). A training step (forward + backward, the
-    backward computing both activation and weight gradients) is 3x this.
-    """
-    t, d = tokens_per_seq, hidden
-    per_token_layer = 4 * d * d + 2 * d * ffn + 2 * t * d
-    return 2.0 * seqs * t * layers * per_token_layer
+    from piccolo_jax.training.flops import encoder_flops
+
+    shape = SimpleNamespace(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn)
+    return encoder_flops(shape, seqs, tokens_per_seq)
 
 
 # ------------------------------------------------------------------------------------------- reporting

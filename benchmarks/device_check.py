@@ -41,8 +41,8 @@ def section(title: str) -> None:
 
 
 def tokenizer():
-    from piccolo_jax.resources import bundled_tokenizer
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.io.resources import bundled_tokenizer
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(bundled_tokenizer())
 
@@ -53,7 +53,7 @@ def padded_arrays(tok, texts, length):
 
 
 def packed_arrays(tok, texts, length, blocks):
-    from piccolo_jax import packing
+    from piccolo_jax.data import packing
 
     ids = tok.token_ids(texts, length)
     m = len(ids) // blocks
@@ -67,9 +67,9 @@ def packed_arrays(tok, texts, length, blocks):
 def parity(args, tok, texts) -> None:
     import jax
 
-    from piccolo_jax.inference import embed
-    from piccolo_jax.model import init_params
-    from piccolo_jax.model_config import ModelConfig
+    from piccolo_jax.config.model import ModelConfig
+    from piccolo_jax.inference.encoder import embed
+    from piccolo_jax.model.bert import init_params
 
     section("1. bfloat16 vs float32 embeddings")
     cfg = ModelConfig(**args.shape)
@@ -88,9 +88,9 @@ def fused_attention(args, tok, texts) -> None:
     import jax
     import jax.numpy as jnp
 
-    from piccolo_jax import attention
-    from piccolo_jax.model import encode, encode_packed, init_params
-    from piccolo_jax.model_config import ModelConfig
+    from piccolo_jax.config.model import ModelConfig
+    from piccolo_jax.model import attention
+    from piccolo_jax.model.bert import encode, encode_packed, init_params
 
     section("2. fused vs XLA attention (bfloat16), padded and packed")
     cfg = ModelConfig(**args.shape, compute_dtype="bfloat16", attention_probs_dropout_prob=0.0)
@@ -127,13 +127,19 @@ def fused_attention(args, tok, texts) -> None:
 def train_step(args, tok, tmp: Path) -> None:
     import jax
 
-    from piccolo_jax.data import DataConfig, make_loader
-    from piccolo_jax.metrics_log import step_flops
-    from piccolo_jax.model_config import ModelConfig
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax import packing
-    from piccolo_jax.sharding import MeshConfig, host_local_to_global, make_mesh
-    from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+    from piccolo_jax.config import DataConfig
+    from piccolo_jax.config.model import ModelConfig
+    from piccolo_jax.data import packing
+    from piccolo_jax.data.loader import make_loader
+    from piccolo_jax.parallel.sharding import (
+        MeshConfig,
+        host_local_to_global,
+        make_mesh,
+    )
+    from piccolo_jax.training.flops import step_flops
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.state import create_train_state
+    from piccolo_jax.training.step import LossConfig, make_train_step
 
     b, chunks = args.pairs, args.chunks
     section(f"3. train step: {b} pairs x 128 tokens, {chunks} gradient-caching chunks, bfloat16, remat full")
@@ -163,7 +169,7 @@ def train_step(args, tok, tmp: Path) -> None:
             if i:  # the first step compiles
                 times.append(time.perf_counter() - t0)
             real, computed = packing.token_counts(host)
-            f = (packing.step_flops if packed else step_flops)(cfg, host, 1, chunks)
+            f = step_flops(cfg, host, 1, chunks)
             flops.append(f)
             useful.append(f * real / computed)  # ~ the FLOPs of real tokens only (attention aside)
         t = float(np.median(times))
@@ -178,9 +184,9 @@ def train_step(args, tok, tmp: Path) -> None:
 def encode_throughput(args, tok, texts) -> None:
     import jax
 
-    from piccolo_jax.inference import Encoder
-    from piccolo_jax.model import init_params
-    from piccolo_jax.model_config import ModelConfig
+    from piccolo_jax.config.model import ModelConfig
+    from piccolo_jax.inference.encoder import Encoder
+    from piccolo_jax.model.bert import init_params
 
     section(f"4. encode: {len(texts)} passages, bfloat16")
     cfg = ModelConfig(**args.shape, compute_dtype="bfloat16")

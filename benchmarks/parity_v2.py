@@ -101,7 +101,7 @@ def record_grads(name, reference, got, want):
 
 def on_devices(fn, args, argnums, n: int, has_aux: bool = False):
     """jit(value_and_grad(fn)) with every argument on device 0 (n=1) or its batch axis over the 8-device mesh."""
-    from piccolo_jax.sharding import MeshConfig, batch_sharding, make_mesh
+    from piccolo_jax.parallel.sharding import MeshConfig, batch_sharding, make_mesh
 
     vg = jax.jit(jax.value_and_grad(fn, argnums, has_aux=has_aux))
     if n == 1:
@@ -132,7 +132,11 @@ def both(name, reference, fn, args, argnums, want, want_grads, value_tol: dict, 
 def task_losses_rows():
     import test_task_losses as tl
 
-    from piccolo_jax.task_losses import cosent_loss, distill_kl_loss, own_negatives_loss
+    from piccolo_jax.losses.task_losses import (
+        cosent_loss,
+        distill_kl_loss,
+        own_negatives_loss,
+    )
 
     norm = tl.normalise
     # 1. CoSENT: test_cosent_matches_sentence_transformers_values_and_grads's inputs (B = 24, D = 32, ties)
@@ -179,9 +183,13 @@ def task_losses_rows():
 def matryoshka_rows():
     import test_matryoshka as tm
 
-    from piccolo_jax.losses import gte_loss, hard_negative_loss, in_batch_softmax_loss
-    from piccolo_jax.matryoshka import matryoshka, matryoshka_loss
-    from piccolo_jax.task_losses import cosent_loss, distill_kl_loss
+    from piccolo_jax.losses.contrastive import (
+        gte_loss,
+        hard_negative_loss,
+        in_batch_softmax_loss,
+    )
+    from piccolo_jax.losses.matryoshka import matryoshka, matryoshka_loss
+    from piccolo_jax.losses.task_losses import cosent_loss, distill_kl_loss
 
     st_losses, torch = tm.st_losses, tm.torch
     weights = [1.0, 0.5, 0.25]
@@ -237,9 +245,14 @@ def matryoshka_rows():
 def hybrid_rows():
     import test_hybrid_step as th
 
-    from piccolo_jax.optim import make_optimizer
-    from piccolo_jax.sharding import MeshConfig, host_local_to_global, make_mesh
-    from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+    from piccolo_jax.parallel.sharding import (
+        MeshConfig,
+        host_local_to_global,
+        make_mesh,
+    )
+    from piccolo_jax.training.optim import make_optimizer
+    from piccolo_jax.training.state import create_train_state
+    from piccolo_jax.training.step import LossConfig, make_train_step
 
     reference = "value_and_grad of the task loss, 1 dev"
     mesh = make_mesh(MeshConfig(data=8, strategy="zero1"))
@@ -283,8 +296,8 @@ def dense_rows():
 
     from piccolo_jax.commands.convert import main as convert_main
     from piccolo_jax.hf import load_hf_model, read_hf_tensors
-    from piccolo_jax.inference import Encoder
-    from piccolo_jax.params_io import load_model_dir
+    from piccolo_jax.inference.encoder import Encoder
+    from piccolo_jax.model.directory import load_model_dir
 
     st, torch, texts = td.st, td.torch, td.TEXTS
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,9 +15,9 @@ __version__ = "0.1.0"
 __all__ = ["Encoder"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from piccolo_jax.inference import Encoder
+    from piccolo_jax.inference.encoder import Encoder
 
-_LAZY = {"Encoder": "piccolo_jax.inference"}
+_LAZY = {"Encoder": "piccolo_jax.inference.encoder"}
 
 
 def __getattr__(name: str) -> Any:

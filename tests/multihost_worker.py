@@ -20,13 +20,20 @@ import sys
 import jax
 import numpy as np
 import optax
+from helpers import pack_padded
 from jax.experimental import multihost_utils
 
-from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.optim import OptimConfig, make_optimizer
-from piccolo_jax.packing import pack_padded, step_arrays
-from piccolo_jax.sharding import MeshConfig, batch_sharding, host_local_to_global, make_mesh
-from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.data.packing import step_arrays
+from piccolo_jax.parallel.sharding import (
+    MeshConfig,
+    batch_sharding,
+    host_local_to_global,
+    make_mesh,
+)
+from piccolo_jax.training.optim import OptimConfig, make_optimizer
+from piccolo_jax.training.state import create_train_state
+from piccolo_jax.training.step import LossConfig, make_train_step
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=16)  # dropout 0.1 on every site
@@ -67,7 +74,7 @@ def local_rows(mesh) -> slice:
 
 
 def packed_rows(batch: dict, shards: int) -> dict:
-    """This process's rows packed (`packing.pack_padded`, rows of twice the padded lengths) into the packed
+    """This process's rows packed (`pack_padded`, rows of twice the padded lengths) into the packed
     shapes of the whole global batch, which every process derives from data they all hold."""
     whole = pack_padded(make_batch(), SHARDS, LOSS.num_chunks, lengths=PACKED_LENGTHS)
     blocks = SHARDS * LOSS.num_chunks
@@ -77,7 +84,7 @@ def packed_rows(batch: dict, shards: int) -> dict:
 
 def run(mesh, packed: bool = False) -> dict[str, np.ndarray]:
     """One train step from a random init (key 0) on `mesh`; the digest as host arrays. `packed`: each
-    process packs only its own rows (packing.pack_padded) and passes the packed layout."""
+    process packs only its own rows (pack_padded) and passes the packed layout."""
     optimizer = make_optimizer(OPT, total_steps=10)
     step = make_train_step(CFG, LOSS, optimizer, mesh, MESH.strategy)
     state = create_train_state(CFG, optimizer, mesh, MESH.strategy, jax.random.key(0))

@@ -22,7 +22,7 @@ def models(tmp_path_factory):
     import shutil
 
     from piccolo_jax.hf import load_hf_model
-    from piccolo_jax.params_io import save_model_dir
+    from piccolo_jax.model.directory import save_model_dir
 
     root = tmp_path_factory.mktemp("models")
     hf = root / "tiny-hf"

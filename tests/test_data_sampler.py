@@ -7,9 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from piccolo_jax.data import DataConfig, make_loader
+from piccolo_jax.config import DataConfig
+from piccolo_jax.data.loader import make_loader
 from piccolo_jax.data.sampler import Sampler
-from piccolo_jax.tokenization import Tokenizer
+from piccolo_jax.text.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKERS = {"alpha": "甲", "beta": "乙", "gamma": "丙", "tiny": "丁"}
@@ -110,6 +111,10 @@ def test_state_from_other_settings_is_refused():
         Sampler(["a", "b"], [50, 30], 5, seed=2).check_state(state)
     with pytest.raises(ValueError, match="datasets: saved"):
         Sampler(["a", "b"], [51, 30], 5, seed=1).check_state(state)
+    # other weights (the mixing is "weights" both times): a resume would draw another dataset order
+    _, weighted = _plans(Sampler(["a", "b"], [50, 30], 5, seed=1, weights={"a": 1, "b": 2}), 3)
+    with pytest.raises(ValueError, match=r"weights: saved \{'a': 1, 'b': 2\}, now \{'a': 3, 'b': 1\}"):
+        Sampler(["a", "b"], [50, 30], 5, seed=1, weights={"a": 3, "b": 1}).check_state(weighted)
 
 
 def test_small_datasets_are_excluded_and_reported(data_dir, tokenizer):

@@ -7,9 +7,11 @@ import json
 import os
 
 import numpy as np
+from helpers import bad_record_counts
 
-from piccolo_jax.data import DataConfig, make_loader
-from piccolo_jax.tokenization import Tokenizer, char_token_bounds
+from piccolo_jax.config import DataConfig
+from piccolo_jax.data.loader import make_loader
+from piccolo_jax.text.tokenizer import Tokenizer, char_token_bounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "assets", "data")
@@ -57,7 +59,7 @@ def test_both_stages_load_with_the_bundled_tokenizer():
         cfg = DataConfig(paths=(os.path.join(DATA, stage),), global_batch_size=64, num_negatives=k,
                          passage_max_length=passage_length, symmetric_datasets=("paraphrase",) if k == 0 else ())
         with make_loader(cfg, tokenizer) as loader:
-            assert sum(loader.bad_record_counts().values()) == 0
+            assert sum(bad_record_counts(loader).values()) == 0
             names = {next(loader)["dataset_name"] for _ in range(12)}
             assert len(names) >= 2
             for source in loader.sources:  # the character bound covers every sample text

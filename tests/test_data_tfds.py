@@ -18,11 +18,12 @@ import pytest
 tfds = pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("array_record")
 
-from piccolo_jax.data import DataConfig, make_loader  # noqa: E402
+from piccolo_jax.config import DataConfig
 from piccolo_jax.data import record_arrays, tfds_store  # noqa: E402
+from piccolo_jax.data.loader import make_loader  # noqa: E402
 from piccolo_jax.data.records import Record  # noqa: E402
 from piccolo_jax.data.sources import JsonlSource, TfdsSource, open_sources  # noqa: E402
-from piccolo_jax.tokenization import Tokenizer, char_token_bounds  # noqa: E402
+from piccolo_jax.text.tokenizer import Tokenizer, char_token_bounds  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(REPO, "assets", "data", "finetune")

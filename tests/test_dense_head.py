@@ -21,9 +21,9 @@ st = pytest.importorskip("sentence_transformers")
 
 from piccolo_jax.commands.convert import main as convert_main  # noqa: E402
 from piccolo_jax.hf import ConversionError, load_hf_model, read_hf_tensors, write_hf_dir  # noqa: E402
-from piccolo_jax.inference import Encoder  # noqa: E402
-from piccolo_jax.params_io import load_model_dir  # noqa: E402
-from piccolo_jax.resources import bundled_tokenizer  # noqa: E402
+from piccolo_jax.inference.encoder import Encoder  # noqa: E402
+from piccolo_jax.io.resources import bundled_tokenizer  # noqa: E402
+from piccolo_jax.model.directory import load_model_dir  # noqa: E402
 
 HIDDEN, OUT = 32, 48
 TEXTS = ["北京是中国的首都。", "这款手机的电池续航很好", "mixed 中英文 text 123", "短",
@@ -87,7 +87,7 @@ def test_import_matches_sentence_transformers(v2_dir, packing):
 def test_one_device_and_fsdp_sharded_dense_agree(v2_dir):
     import jax
 
-    from piccolo_jax.sharding import MeshConfig, make_mesh
+    from piccolo_jax.parallel.sharding import MeshConfig, make_mesh
 
     one = Encoder.load(v2_dir, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
     fsdp = Encoder.load(v2_dir, strategy="fsdp")
@@ -197,10 +197,10 @@ def test_an_encoder_without_a_dense_head_starts_one_at_random(tmp_path):
     encoder's parameters are the checkpoint's."""
     import jax
 
-    from piccolo_jax.model import init_params
-    from piccolo_jax.optim import OptimConfig, make_optimizer
-    from piccolo_jax.sharding import MeshConfig, make_mesh
-    from piccolo_jax.train_step import create_train_state, missing_subtrees
+    from piccolo_jax.model.bert import init_params
+    from piccolo_jax.parallel.sharding import MeshConfig, make_mesh
+    from piccolo_jax.training.optim import OptimConfig, make_optimizer
+    from piccolo_jax.training.state import create_train_state, missing_subtrees
 
     plain = tmp_path / "plain"
     st.SentenceTransformer(str(_st_dir(tmp_path, "v2", seed=3) / ""), device="cpu")[0].save(str(plain))

@@ -11,10 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piccolo_jax.eval_data import RetrievalTask
-from piccolo_jax.evaluation import (average_ranks, evaluate_path, evaluate_retrieval, find_tasks, format_table,
-                                    load_retrieval, read_qrels, reranking_metrics, retrieval_metrics, spearman,
-                                    sts_metrics, trec_order)
+from piccolo_jax.evaluation.runners import (
+    average_ranks,
+    evaluate_path,
+    evaluate_retrieval,
+    find_tasks,
+    format_table,
+    load_retrieval,
+    read_qrels,
+    reranking_metrics,
+    retrieval_metrics,
+    spearman,
+    sts_metrics,
+    trec_order,
+)
+from piccolo_jax.evaluation.tasks import RetrievalTask
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "eval"

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import bad_record_counts
 
-from piccolo_jax.data import DataConfig, make_loader
+from piccolo_jax.config import DataConfig
 from piccolo_jax.data.batching import positive_slot
+from piccolo_jax.data.loader import make_loader
 from piccolo_jax.data.records import BadRecord
 from piccolo_jax.data.sources import JsonlSource
-from piccolo_jax.tokenization import Tokenizer
+from piccolo_jax.text.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 HYBRID = ROOT / "assets" / "data" / "hybrid"
@@ -178,7 +180,7 @@ def test_bundled_hybrid_samples(tokenizer):
     loader = make_loader(cfg, tokenizer)
     assert {s.name: s.task for s in loader.sources} == {"concept_scored": "retrieval", "sentence_similarity": "sts",
                                                         "topic_classification": "classification"}
-    assert sum(loader.bad_record_counts().values()) == 0
+    assert sum(bad_record_counts(loader).values()) == 0
     labels = [r.label for r in loader.sources[1].records(range(len(loader.sources[1])))]
     assert set(labels) == {0.0, 1.0, 2.0, 3.0, 5.0}
     cls = loader.sources[2].records(range(len(loader.sources[2])))

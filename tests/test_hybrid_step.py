@@ -22,14 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import pack_padded
 
-from piccolo_jax import losses, packing, task_losses
+from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.data import packing
 from piccolo_jax.data.batching import task_arrays
-from piccolo_jax.model import encode, init_params
-from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.optim import OptimConfig, make_optimizer
-from piccolo_jax.sharding import MeshConfig, host_local_to_global, make_mesh
-from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+from piccolo_jax.losses import contrastive as losses
+from piccolo_jax.losses import task_losses
+from piccolo_jax.model.bert import encode, init_params
+from piccolo_jax.parallel.sharding import MeshConfig, host_local_to_global, make_mesh
+from piccolo_jax.training.optim import OptimConfig, make_optimizer
+from piccolo_jax.training.state import create_train_state
+from piccolo_jax.training.step import LossConfig, make_train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 
@@ -163,7 +167,7 @@ def test_hybrid_step_equals_the_task_loss_on_the_encoder_output(task, mesh_shape
     step = make_train_step(CFG, loss_cfg, optimizer, mesh, strategy)
     batch = make_batch(task)
     if layout == "packed":  # several texts per row (rows twice the padded lengths), task arrays alongside
-        packed = packing.pack_padded(batch, data * fsdp, num_chunks, lengths=(2 * TQ, 2 * TP))
+        packed = pack_padded(batch, data * fsdp, num_chunks, lengths=(2 * TQ, 2 * TP))
         assert max(len(set(r[r > 0])) for r in packed["packed_document_segments"]) >= 2
         batch = {**packing.step_arrays(packed), **task_arrays(batch)}
     arrays = host_local_to_global(batch, mesh)
@@ -190,7 +194,7 @@ def test_hybrid_step_equals_the_task_loss_on_the_encoder_output(task, mesh_shape
 
 
 def test_a_task_without_its_arrays_is_refused_before_compiling():
-    from piccolo_jax.hybrid_loss import task_loss_fn
+    from piccolo_jax.losses.hybrid import task_loss_fn
 
     with pytest.raises(ValueError, match="an sts batch needs its labels"):
         task_loss_fn(LOSS, "sts", {})
@@ -199,3 +203,27 @@ def test_a_task_without_its_arrays_is_refused_before_compiling():
     q = jnp.ones((4, 8)) / np.sqrt(8)
     with pytest.raises(ValueError, match="a classification batch needs each record's own negatives"):
         task_loss_fn(LOSS, "classification", {})(q, q, None)
+
+
+@pytest.mark.parametrize("task,weight", [("retrieval", "retrieval_weight"), ("sts", "sts_weight"),
+                                         ("classification", "classification_weight")])
+def test_each_task_loss_is_its_weight_times_the_task_loss(task, weight):
+    """loss and embedding gradients of `hybrid.task_loss_fn` with weight w = w x those of the task's own
+    loss function (each proven against sentence-transformers / numpy in test_losses, test_task_losses)."""
+    from piccolo_jax.losses import hybrid
+
+    rng = np.random.default_rng(5)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    q, p = (unit(rng.normal(size=(8, 16))).astype(np.float32) for _ in range(2))
+    negs = unit(rng.normal(size=(8, 3, 16))).astype(np.float32)
+    labels = rng.uniform(0, 5, size=8).astype(np.float32)
+    cfg = LossConfig(kind="hard_negative", temperature=0.05, **{weight: 2.5})
+    own = {"retrieval": lambda q, p, n: losses.hard_negative_loss(q, p, n, cfg.temperature, block_size=cfg.block_size),
+           "sts": lambda q, p, n: task_losses.cosent_loss(q, p, jnp.asarray(labels), cfg.sts_temperature),
+           "classification": lambda q, p, n: task_losses.own_negatives_loss(q, p, n, cfg.classification_temperature)}
+    fn = hybrid.task_loss_fn(cfg, task, {"labels": jnp.asarray(labels)})
+    got, got_grads = jax.value_and_grad(lambda *e: fn(*e)[0], (0, 1, 2))(q, p, negs)
+    want, want_grads = jax.value_and_grad(lambda *e: own[task](*e)[0], (0, 1, 2))(q, p, negs)
+    np.testing.assert_allclose(float(got), 2.5 * float(want), rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g), 2.5 * np.asarray(w), rtol=1e-5, atol=1e-7)

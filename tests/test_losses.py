@@ -9,9 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from piccolo_jax.losses import gte_loss, hard_negative_loss, in_batch_softmax_loss
+from piccolo_jax.losses.contrastive import (
+    gte_loss,
+    hard_negative_loss,
+    in_batch_softmax_loss,
+)
 
 RTOL = 1e-5
 ATOL = 1e-6  # for values near zero (neg_sim of random vectors, a loss the positive dominates)
@@ -280,7 +285,9 @@ def _st_loss(embeddings, tau, **kwargs):
     pytest.importorskip("sentence_transformers", minversion="5.3")
     torch = pytest.importorskip("torch")
     try:
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.losses import (
+            MultipleNegativesRankingLoss,
+        )
     except ImportError:  # 5.x layout
         from sentence_transformers.losses import MultipleNegativesRankingLoss
 

@@ -3,19 +3,18 @@ the arguments we give cuDNN pass cuDNN's own checks, and bfloat16 matmuls stay b
 
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
-from piccolo_jax import attention
-from piccolo_jax.memory import abstract_batch, abstract_train_state
-from piccolo_jax.model import encode, init_params
-from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.optim import OptimConfig, make_optimizer
-from piccolo_jax.sharding import MeshConfig, make_mesh
-from piccolo_jax.train_step import LossConfig, make_train_step
+from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.model import attention
+from piccolo_jax.model.bert import encode, init_params
+from piccolo_jax.parallel.sharding import MeshConfig, make_mesh
+from piccolo_jax.training.memory import abstract_batch, abstract_train_state
+from piccolo_jax.training.optim import OptimConfig, make_optimizer
+from piccolo_jax.training.step import LossConfig, make_train_step
 
 TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112,
             max_position_embeddings=64)

@@ -10,11 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from piccolo_jax.losses import gte_loss, hard_negative_loss, in_batch_softmax_loss
-from piccolo_jax.matryoshka import matryoshka, matryoshka_loss, truncate
-from piccolo_jax.task_losses import cosent_loss, distill_kl_loss, own_negatives_loss
+from piccolo_jax.losses.contrastive import (
+    gte_loss,
+    hard_negative_loss,
+    in_batch_softmax_loss,
+)
+from piccolo_jax.losses.matryoshka import matryoshka, matryoshka_loss, truncate
+from piccolo_jax.losses.task_losses import (
+    cosent_loss,
+    distill_kl_loss,
+    own_negatives_loss,
+)
 
 torch = pytest.importorskip("torch")
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
@@ -36,6 +45,9 @@ class GivenEmbeddings(torch.nn.Module):
     """Stands in for the model: returns the embedding stored in each feature dict."""
 
     def get_embedding_dimension(self):
+        return DIM
+
+    def _get_untruncated_embedding_dimension(self):  # sentence-transformers >= 6.3 asks for this one
         return DIM
 
     def forward(self, features):

@@ -2,16 +2,15 @@
 
 import dataclasses
 
-import pytest
-
 import jax
 import jax.numpy as jnp
+import pytest
 
-from piccolo_jax import memory
-from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.optim import OptimConfig, make_optimizer
-from piccolo_jax.sharding import MeshConfig, make_mesh
-from piccolo_jax.train_step import LossConfig
+from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.parallel.sharding import MeshConfig, make_mesh
+from piccolo_jax.training import memory
+from piccolo_jax.training.optim import OptimConfig, make_optimizer
+from piccolo_jax.training.step import LossConfig
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                   max_position_embeddings=128, remat="full")

@@ -7,14 +7,18 @@ import sys
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-import jax
-
-from piccolo_jax import sharding
 from piccolo_jax.data.records import Record, parse_line
-from piccolo_jax.mining import mine_negatives, rows_for_output, sample_negatives, top_k_search
+from piccolo_jax.inference.mining import (
+    mine_negatives,
+    rows_for_output,
+    sample_negatives,
+    top_k_search,
+)
+from piccolo_jax.parallel import sharding
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,17 +1,16 @@
 """Flax encoder vs transformers.BertModel (independent reference) on tiny random weights."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from piccolo_jax.config.model import PICCOLO_BASE_ZH, ModelConfig  # noqa: E402
 from piccolo_jax.hf import hf_to_params, params_to_hf  # noqa: E402
-from piccolo_jax.model import abstract_model, encode, init_params  # noqa: E402
-from piccolo_jax.model_config import PICCOLO_BASE_ZH, ModelConfig  # noqa: E402
+from piccolo_jax.model.bert import abstract_model, encode, init_params  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112,
             max_position_embeddings=40, type_vocab_size=2)
@@ -113,7 +112,7 @@ def test_dropout_key_determinism_and_remat_gradients():
 
 def _reference_with_dropout(cfg, params, ids, mask, key):
     """BERT with dropout written out per layer (unrolled, jax.random.bernoulli masks, jax.nn.gelu), keyed
-    as documented in piccolo_jax.dropout: row r -> fold_in(key, r); embeddings fold_in(row, 1_000_000),
+    as documented in piccolo_jax.model.dropout: row r -> fold_in(key, r); embeddings fold_in(row, 1_000_000),
     layer i fold_in(row, i), then sites 0 (attention probabilities), 1 (attention output), 2 (FFN output);
     then the token's position t: fold_in(., t). A hidden mask is bernoulli(token key, (D,)); the attention
     mask of query token t is bernoulli(token key, (N, M))[:, key position], M = max_position_embeddings."""
@@ -189,7 +188,7 @@ def test_remat_policy_names_and_legacy_booleans():
 
 def test_shipped_configs_with_remat_true_read_as_full():
     from piccolo_jax.config import load_config
-    from piccolo_jax.resources import find_config
+    from piccolo_jax.io.resources import find_config
 
     for recipe in ("pretrain", "finetune"):
         assert load_config(find_config(recipe), recipe).model.remat == "full"
@@ -221,11 +220,12 @@ def test_params_to_hf_inverts_hf_to_params():
 
 
 def test_layers_axis_is_never_sharded():
-    from piccolo_jax import sharding
+    from piccolo_jax.config.mesh import STRATEGIES
+    from piccolo_jax.parallel import sharding
 
     _, abstract, logical = abstract_model(ModelConfig(**{**TINY, "num_hidden_layers": 8}))
     mesh = jax.make_mesh((1, 4, 2), sharding.MESH_AXES, devices=jax.devices()[:8])
-    for strategy in sharding.STRATEGIES:
+    for strategy in STRATEGIES:
         specs = sharding.param_specs(abstract, logical, mesh, strategy)
         for spec in jax.tree.leaves(specs["layers"], is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
             assert len(spec) == 0 or spec[0] is None, (strategy, spec)  # 8 layers would divide fsdp=4
@@ -233,7 +233,7 @@ def test_layers_axis_is_never_sharded():
 
 
 def test_stack_layers_reads_trees_saved_before_stacking():
-    from piccolo_jax.model import stack_layers
+    from piccolo_jax.model.bert import stack_layers
 
     cfg = ModelConfig(**TINY)
     params = init_params(cfg, jax.random.key(2))
@@ -255,7 +255,7 @@ def test_config_mismatch_is_refused():
 
 
 def test_fused_dropout_masks_equal_jax_random_bernoulli():
-    from piccolo_jax import dropout
+    from piccolo_jax.model import dropout
 
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(3), jnp.arange(5))
     for data in (0, 7, 2 ** 31 + 5):  # fold_in, written out

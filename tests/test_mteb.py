@@ -22,8 +22,8 @@ from mteb.abstasks.sts import AbsTaskSTS  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from mteb.models.models_protocols import EncoderProtocol  # noqa: E402
 
-from piccolo_jax.evaluation import MTEBModel  # noqa: E402
-from piccolo_jax.inference import PASSAGE_PREFIX, QUERY_PREFIX, Encoder  # noqa: E402
+from piccolo_jax.evaluation.runners import MTEBModel  # noqa: E402
+from piccolo_jax.inference.encoder import PASSAGE_PREFIX, QUERY_PREFIX, Encoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM = Path(minilm.__file__).parent / "model"

@@ -15,8 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from trainer_cli import ROOT, checkpoints, cmd, env, export_step, losses, run, wait_until
+from trainer_cli import (
+    ROOT,
+    checkpoints,
+    cmd,
+    env,
+    export_step,
+    losses,
+    run,
+    wait_until,
+)
 
 STEPS = 12
 SETS = ["run.save_every=2", "optim.schedule=\"constant\"", "optim.warmup_steps=0", "loss.num_chunks=2",

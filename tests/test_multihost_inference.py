@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from trainer_cli import ROOT, env
 
 ASSETS = ROOT / "assets"
@@ -158,8 +157,13 @@ class _TwoProcessSharding:
 def test_split_covers_every_text_once_and_gathers_in_input_order(packed, monkeypatch):
     import jax
 
-    from piccolo_jax import distributed, packing, sharding
-    from piccolo_jax.inference import bucket_length, default_mesh, plan_batches
+    from piccolo_jax.inference.batching import (
+        bucket_length,
+        plan_batches,
+        plan_packed_batches,
+    )
+    from piccolo_jax.inference.encoder import default_mesh
+    from piccolo_jax.parallel import gather, sharding
 
     mesh = default_mesh("dp")
     assert sharding.data_parallel_size(mesh) == 8
@@ -167,39 +171,39 @@ def test_split_covers_every_text_once_and_gathers_in_input_order(packed, monkeyp
     lengths_n = rng.integers(3, 200, size=1000)
     owners_n = np.full(len(lengths_n), -1)
     if packed:
-        plans = packing.plan_packed_batches(lengths_n, 4096, lambda n: bucket_length(n, 256), 8, None)
+        plans = plan_packed_batches(lengths_n, 4096, lambda n: bucket_length(n, 256), 8, None)
         for b in plans:  # result [S blocks, slots, D]: a text belongs to the process of its block
-            owners = distributed.owner_processes(_TwoProcessSharding(sharding.batch_sharding(mesh, 3)),
+            owners = gather.owner_processes(_TwoProcessSharding(sharding.batch_sharding(mesh, 3)),
                                                  (b.blocks, b.num_slots, 4))
             assert np.all(owners_n[b.texts] == -1)
             owners_n[b.texts] = owners[b.block]
     else:
         for b in plan_batches(lengths_n, 4096, 256, 8):  # result [B rows, D]: a row's process
-            owners = distributed.owner_processes(_TwoProcessSharding(sharding.batch_sharding(mesh, 2)),
+            owners = gather.owner_processes(_TwoProcessSharding(sharding.batch_sharding(mesh, 2)),
                                                  (b.num_rows, 4))
             assert np.all(owners_n[b.rows] == -1)
             owners_n[b.rows] = owners[:len(b.rows)]
-    shares = distributed.process_rows(owners_n, 2)
+    shares = gather.process_rows(owners_n, 2)
     together = np.concatenate(shares)
     assert sorted(together.tolist()) == list(range(len(lengths_n)))  # every text exactly once
     assert all(np.all(np.diff(s) > 0) for s in shares)  # each share in input order
     assert 0.3 < len(shares[0]) / len(lengths_n) < 0.7  # both processes do real work
 
     # The gather, both processes simulated in lockstep, in slices of 64 rows (several all-gathers).
-    monkeypatch.setattr(distributed, "GATHER_ROWS", 64)
+    monkeypatch.setattr(gather, "GATHER_ROWS", 64)
     e_nd = rng.normal(size=(len(lengths_n), 5)).astype(np.float32)
     local = [np.where((owners_n == p)[:, None], e_nd, np.nan).astype(np.float32) for p in range(2)]
     sent: list[list[np.ndarray]] = [[], []]
     for p in range(2):  # record what each process sends
-        distributed.assemble_rows(local[p].copy(), owners_n, p, 2,
+        gather.assemble_rows(local[p].copy(), owners_n, p, 2,
                                   lambda x, p=p: (sent[p].append(x.copy()), np.zeros((2, *x.shape), x.dtype))[1])
     assert len(sent[0]) == len(sent[1]) > 1
     for p in range(2):
         calls = iter(range(len(sent[0])))
-        got = distributed.assemble_rows(local[p], owners_n, p, 2,
+        got = gather.assemble_rows(local[p], owners_n, p, 2,
                                         lambda x: np.stack([sent[0][(i := next(calls))], sent[1][i]]))
         np.testing.assert_array_equal(got, e_nd)  # exact copies, in input order
-    assert jax.process_count() == 1 and distributed.gather_rows(e_nd, owners_n) is e_nd
+    assert jax.process_count() == 1 and gather.gather_rows(e_nd, owners_n) is e_nd
 
 
 @pytest.mark.parametrize("victim", [1, 0])  # a worker dies; the coordinator dies

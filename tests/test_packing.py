@@ -4,15 +4,16 @@ reference of test_train_step on 8 simulated devices (meshes, strategies, gradien
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import pack_padded
 
-from piccolo_jax import attention, packing
-from piccolo_jax.model import encode, encode_packed, init_params, row_keys
-from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.data import packing
+from piccolo_jax.model import attention
+from piccolo_jax.model.bert import encode, encode_packed, init_params, row_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 
@@ -65,7 +66,7 @@ def test_pack_padded_round_trips_every_text():
     from test_train_step import make_batch
 
     batch = make_batch(True)
-    packed = packing.pack_padded(batch, shards=4, num_chunks=2)
+    packed = pack_padded(batch, shards=4, num_chunks=2)
     b, k = 64, 2
     m = b // 8
     for side, l in (("query", 8), ("document", 12)):
@@ -240,12 +241,12 @@ def test_packed_step_matches_single_device_reference(mesh_shape, strategy, kind,
     single-device reference of test_train_step (which today's padded step equals on every mesh)."""
     import test_train_step as tts
 
-    from piccolo_jax.sharding import host_local_to_global
+    from piccolo_jax.parallel.sharding import host_local_to_global
 
     mesh, optimizer, step, _ = tts.step_setup(mesh_shape, strategy, kind, num_chunks)
     shards = mesh_shape[0] * mesh_shape[1]
     # rows of twice the padded lengths (positions stay those of each text): several texts per row
-    packed = packing.pack_padded(tts.make_batch(kind != "in_batch"), shards, num_chunks,
+    packed = pack_padded(tts.make_batch(kind != "in_batch"), shards, num_chunks,
                                  lengths=(2 * tts.TQ, 2 * tts.TP))
     for side in ("query", "document"):  # texts share rows on both sides
         assert max(len(set(r[r > 0])) for r in packed[f"packed_{side}_segments"]) >= 2, side
@@ -303,7 +304,7 @@ def _reference_pack_side(token_ids, bound_rows, bound_offsets, num_rows, length,
 @pytest.mark.parametrize("k", [0, 3])
 def test_pack_host_arrays_equal_the_per_text_loop(k):
     """Blocks whose real first fit needs more rows than R take the bounds' layout (some do here)."""
-    from piccolo_jax.ragged import Ragged
+    from piccolo_jax.text.ragged import Ragged
 
     rng = np.random.default_rng(k)
     blocks, m, first_block, lq, ld = 6, 6, 2, 10, 24
@@ -349,7 +350,7 @@ def test_pack_host_arrays_equal_the_per_text_loop(k):
 
 
 def test_ragged_take_concat_pad_against_lists():
-    from piccolo_jax.ragged import Ragged
+    from piccolo_jax.text.ragged import Ragged
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 50, rng.integers(0, 6)).tolist() for _ in range(30)]

@@ -13,8 +13,9 @@ import subprocess
 import termios
 import time
 
-from piccolo_jax.accelerators import peak_flops
 from trainer_cli import ROOT, cmd, env
+
+from piccolo_jax.training.flops import peak_flops
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

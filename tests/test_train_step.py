@@ -20,12 +20,13 @@ import numpy as np
 import optax
 import pytest
 
-from piccolo_jax import losses
-from piccolo_jax.model import encode, init_params
-from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.optim import OptimConfig, make_optimizer
-from piccolo_jax.sharding import MeshConfig, host_local_to_global, make_mesh
-from piccolo_jax.train_step import LossConfig, create_train_state, make_train_step
+from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.losses import contrastive as losses
+from piccolo_jax.model.bert import encode, init_params
+from piccolo_jax.parallel.sharding import MeshConfig, host_local_to_global, make_mesh
+from piccolo_jax.training.optim import OptimConfig, make_optimizer
+from piccolo_jax.training.state import create_train_state
+from piccolo_jax.training.step import LossConfig, make_train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from trainer_cli import ROOT, env, losses, run
 
 STEPS = 8  # the bundled data's seed-0 order meets retrieval (step 1), classification (2) and sts (4)
@@ -58,10 +57,10 @@ def test_the_export_has_2_dense_and_loads_in_sentence_transformers_with_our_embe
     st = pytest.importorskip("sentence_transformers")
     import jax
 
-    from piccolo_jax.inference import Encoder
-    from piccolo_jax.model import encode
-    from piccolo_jax.params_io import load_model_dir
-    from piccolo_jax.tokenization import Tokenizer
+    from piccolo_jax.inference.encoder import Encoder
+    from piccolo_jax.model.bert import encode
+    from piccolo_jax.model.directory import load_model_dir
+    from piccolo_jax.text.tokenizer import Tokenizer
 
     workdir, _ = v2_run
     hf = workdir / "export" / "hf"
@@ -123,7 +122,7 @@ def test_evaluate_reports_every_matryoshka_dimension(v2_run, tmp_path):
 # ------------------------------------------------------------------------------------------ the config files
 def test_the_recipe_and_its_tiny_variant_load(tmp_path):
     from piccolo_jax.config import load_config
-    from piccolo_jax.resources import find_config
+    from piccolo_jax.io.resources import find_config
 
     full = load_config(find_config("finetune_v2"), "finetune")
     assert (full.model.hidden_size, full.model.dense_out_features, full.model.embedding_dim) == (1024, 1792, 1792)
@@ -161,7 +160,7 @@ def test_base_files_merge_resolve_paths_per_file_and_refuse_cycles(tmp_path):
 
 def test_loss_and_width_settings_are_checked_before_anything_runs(tmp_path):
     from piccolo_jax.config import ConfigError, load_config
-    from piccolo_jax.resources import find_config
+    from piccolo_jax.io.resources import find_config
 
     tiny = find_config("tiny_v2")
     for sets, needle in ((["loss.matryoshka_weights=[]", "loss.matryoshka_dims=[16, 200]"], r"loss.matryoshka_dims \[200\] exceed the embedding "

@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 
-from piccolo_jax.hf import ST_FILES, ConversionError, load_hf_model, write_hf_dir  # noqa: E402
-from piccolo_jax.model import count_params  # noqa: E402
-from piccolo_jax.params_io import copy_side_files, load_model_dir, save_model_dir  # noqa: E402
-
-
 def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
+    from piccolo_jax.hf import ST_FILES, load_hf_model
+    from piccolo_jax.model.bert import count_params
+    from piccolo_jax.model.directory import copy_side_files, save_model_dir
+
     cfg, params, report = load_hf_model(hf_dir)
     keep_st_files = lambda tmp: copy_side_files(Path(hf_dir), tmp, ST_FILES)  # noqa: E731
     save_model_dir(out_dir, cfg, params, side_files_from=hf_dir, overwrite=overwrite, extra=keep_st_files)
@@ -32,6 +31,10 @@ def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
 
 
 def jax2hf(model_dir: str, hf_dir: str, overwrite: bool = False, max_seq_length: int | None = None) -> None:
+    from piccolo_jax.hf import write_hf_dir
+    from piccolo_jax.model.bert import count_params
+    from piccolo_jax.model.directory import load_model_dir
+
     cfg, params = load_model_dir(model_dir)
     write_hf_dir(hf_dir, cfg, params, side_files_from=model_dir, overwrite=overwrite,
                  max_seq_length=max_seq_length)
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
     p.add_argument("--overwrite", action="store_true", help="replace hf_dir if it exists")
     p.add_argument("--max-seq-length", type=int, default=None,
                    help="sentence-transformers max_seq_length when the source has no sentence_bert_config.json")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: exit 2 before JAX is imported
+    from piccolo_jax.hf import ConversionError
+
     try:
         if args.command == "hf2jax":
             hf2jax(args.hf_dir, args.out_dir, args.overwrite)

@@ -65,9 +65,9 @@ def write_embeddings(enc, items, n_texts: int, out_path: Path | None, ids_path: 
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.commands.errors import Parser, run_guarded
-    from piccolo_jax.distributed import run_command
     from piccolo_jax.commands.encoder_options import add_encoder_arguments
+    from piccolo_jax.commands.errors import Parser, run_guarded
+    from piccolo_jax.parallel.processes import run_command
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def run(args) -> int:
-    from piccolo_jax.commands.errors import InputError
-    from piccolo_jax.distributed import is_main_process, temp_path
     from piccolo_jax.commands.encoder_options import encoder_from_args
-    from piccolo_jax.text_files import check_text_input, count_lines, iter_texts
+    from piccolo_jax.commands.errors import InputError
+    from piccolo_jax.io.text_files import check_text_input, count_lines, iter_texts
+    from piccolo_jax.parallel.processes import is_main_process, temp_path
 
     check_text_input(args.input, args.field)
     n_texts, n_blank = count_lines(args.input)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from piccolo_jax.distributed import add_distributed_arguments
+from piccolo_jax.parallel.processes import add_distributed_arguments
 
 
 def add_encoder_arguments(parser, *, max_length: bool = True) -> None:
@@ -24,7 +24,7 @@ def add_encoder_arguments(parser, *, max_length: bool = True) -> None:
 
 def encoder_from_args(args):
     """`Encoder.load` from the options of `add_encoder_arguments`."""
-    from piccolo_jax.inference import Encoder
+    from piccolo_jax.inference.encoder import Encoder
 
     return Encoder.load(args.model, dtype=args.dtype, strategy=args.strategy,
                         max_length=getattr(args, "max_length", None))

@@ -41,8 +41,8 @@ from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.distributed import multi_process, run_command
     from piccolo_jax.commands.encoder_options import add_encoder_arguments
+    from piccolo_jax.parallel.processes import multi_process, run_command
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
@@ -73,9 +73,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def run(args, mteb_names: list[str]) -> int:
-    from piccolo_jax.distributed import is_main_process
-    from piccolo_jax.evaluation import evaluate_task, evaluate_task_at_dims, find_tasks, format_table, load_task
     from piccolo_jax.commands.encoder_options import encoder_from_args
+    from piccolo_jax.evaluation.runners import (
+        evaluate_task,
+        evaluate_task_at_dims,
+        find_tasks,
+        format_table,
+        load_task,
+    )
+    from piccolo_jax.parallel.processes import is_main_process
 
     local = []  # every task file is read (and checked) before the model is loaded
     for path in find_tasks(args.tasks):
@@ -109,7 +115,7 @@ def run(args, mteb_names: list[str]) -> int:
         print(format_table(results), end="")
     mteb_results = {}
     if mteb_tasks:
-        from piccolo_jax.mteb_adapter import MTEBModel, run_mteb_tasks
+        from piccolo_jax.evaluation.mteb_model import MTEBModel, run_mteb_tasks
 
         model = MTEBModel(enc, instructions=not args.no_instructions,
                           name=f"piccolo-jax/{Path(args.model).resolve().name}", **encode_kwargs)
@@ -141,7 +147,7 @@ def _dims(text: str | None) -> list[int]:
 
 
 def _load_mteb_tasks(names: list[str]) -> list:
-    from piccolo_jax.mteb_adapter import MTEBTasksUnavailable, load_mteb_tasks
+    from piccolo_jax.evaluation.mteb_model import MTEBTasksUnavailable, load_mteb_tasks
 
     try:
         return load_mteb_tasks(names)
@@ -161,7 +167,7 @@ def format_mteb_table(results: dict) -> str:
 
 def _write_json(path: Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    from piccolo_jax.distributed import temp_path
+    from piccolo_jax.parallel.processes import temp_path
 
     tmp = temp_path(path)
     try:

@@ -48,7 +48,7 @@ def read_records(path: Path) -> list:
 
 def read_corpus(path: Path, field: str | None) -> list[str]:
     """Passages to mine from: one a line, or one JSONL field a line; an empty passage is an error."""
-    from piccolo_jax.text_files import check_text_input, iter_texts
+    from piccolo_jax.io.text_files import check_text_input, iter_texts
 
     check_text_input(path, field, option="--corpus-field")
     texts = []
@@ -62,8 +62,8 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.distributed import run_command
     from piccolo_jax.commands.encoder_options import add_encoder_arguments
+    from piccolo_jax.parallel.processes import run_command
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def run(args) -> int:
-    from piccolo_jax.distributed import is_main_process, temp_path
     from piccolo_jax.commands.encoder_options import encoder_from_args
-    from piccolo_jax.mining import mine_negatives, rows_for_output
+    from piccolo_jax.inference.mining import mine_negatives, rows_for_output
+    from piccolo_jax.parallel.processes import is_main_process, temp_path
 
     start, end = args.window
     if not args.input.is_file():

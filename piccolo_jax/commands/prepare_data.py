@@ -25,7 +25,7 @@ import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from piccolo_jax.data.config import RECORD_FORMATS
+from piccolo_jax.config.data import RECORD_FORMATS
 from piccolo_jax.data.records import BadRecord
 
 

@@ -28,8 +28,13 @@ import signal
 import sys
 from pathlib import Path
 
-from piccolo_jax.distributed import (SUPERVISED_ENV, add_distributed_arguments, init_distributed, multi_process,
-                                    run_child)
+from piccolo_jax.parallel.processes import (
+    SUPERVISED_ENV,
+    add_distributed_arguments,
+    init_distributed,
+    multi_process,
+    run_child,
+)
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
@@ -58,7 +63,7 @@ def supervise(argv: list[str], args) -> int:
     coordinator) with SIGABRT from C++, before Python can say anything. The supervisor outlives that and
     prints the one line a user needs: what was lost and where to resume from. Signals are forwarded.
     """
-    from piccolo_jax.run_dir import EXIT_FAILURE, last_checkpoint_note
+    from piccolo_jax.io.run_dir import EXIT_FAILURE, last_checkpoint_note
 
     rc = run_child("train", argv)
     if rc >= 0:
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return supervise(argv, args)
 
     from piccolo_jax.config import ConfigError, load_config
-    from piccolo_jax.resources import find_config
+    from piccolo_jax.io.resources import find_config
 
     overrides = list(args.overrides) + ([f"init={json.dumps(args.init)}"] if args.init else [])
     try:
@@ -103,15 +108,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    from piccolo_jax.runtime import configure
+    from piccolo_jax.parallel.runtime import configure
 
     configure(cfg.run)  # before JAX starts its backends
     if multi:
         init_distributed(args, cfg.run.heartbeat_timeout_s)
 
-    from piccolo_jax.checkpoint import CheckpointError
-    from piccolo_jax.run_dir import EXIT_FAILURE, EXIT_USAGE, RunError
-    from piccolo_jax.train import train
+    from piccolo_jax.io.run_dir import EXIT_FAILURE, EXIT_USAGE, RunError
+    from piccolo_jax.training.checkpoint import CheckpointError
+    from piccolo_jax.training.loop import train
 
     try:
         train(cfg, args.workdir or f"runs/{args.stage}")

@@ -1,7 +1,6 @@
-"""Data pipeline: record formats, TFDS storage, dataset-homogeneous sampling, tokenised batches."""
+"""Training data: record formats (`records`), readers (JSONL `jsonl_scan` / `sources`, TFDS `tfds_store`,
+`record_arrays`), `prepare` (JSONL -> TFDS), the dataset-homogeneous sampler (`sampler`), batches and
+packed rows (`batching`, `packing`) and the loader that runs them ahead of the step (`loader`).
 
-from piccolo_jax.data.config import DataConfig
-from piccolo_jax.data.loader import Loader, make_loader, to_global_arrays
-from piccolo_jax.data.records import BadRecord, Record
-
-__all__ = ["BadRecord", "DataConfig", "Loader", "Record", "make_loader", "to_global_arrays"]
+May import: `piccolo_jax.config`, `io`, `text`, `parallel`.
+"""

@@ -34,12 +34,18 @@ from typing import NamedTuple
 
 import numpy as np
 
-from piccolo_jax.data.config import DataConfig
+from piccolo_jax.config.data import DataConfig
+from piccolo_jax.data.packing import (
+    PackingSpec,
+    document_blocks,
+    first_fit,
+    pack_host_arrays,
+    query_blocks,
+    token_counts,
+)
 from piccolo_jax.data.sampler import BatchPlan, name_key
 from piccolo_jax.data.sources import Source
-from piccolo_jax.packing import (PackingSpec, document_blocks, first_fit, pack_host_arrays, query_blocks,
-                                 token_counts)
-from piccolo_jax.tokenization import Tokenizer, char_token_bounds
+from piccolo_jax.text.tokenizer import Tokenizer, char_token_bounds
 
 _TAG_POSITIVE, _TAG_NEGATIVE, _TAG_FILL = 11, 12, 13
 _M1 = np.uint64(0xBF58476D1CE4E5B9)  # splitmix64 constants

@@ -2,7 +2,7 @@
 
     loader = make_loader(cfg, tokenizer, jax.process_index(), jax.process_count(), state=saved)
     for batch in loader:                      # endless; host-local numpy arrays
-        arrays = to_global_arrays(batch, sharding)
+        arrays = host_local_to_global(step_arrays(batch), mesh)  # parallel.sharding, data.packing
         ...
         checkpoint_extra = loader.state()     # small JSON-serialisable dict
 
@@ -25,15 +25,12 @@ import concurrent.futures
 import logging
 from collections.abc import Mapping
 
-import jax
-import numpy as np
-
-from piccolo_jax import packing
+from piccolo_jax.config.data import DataConfig
+from piccolo_jax.data import packing
 from piccolo_jax.data.batching import batch_texts, build_host_batch, packing_bounds
-from piccolo_jax.data.config import DataConfig
 from piccolo_jax.data.sampler import Sampler
 from piccolo_jax.data.sources import Source, open_sources
-from piccolo_jax.tokenization import Tokenizer
+from piccolo_jax.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +106,7 @@ class Loader:
 
     def enable_packing(self, shards: int, num_chunks: int) -> str:
         """Pack every batch for `shards` batch shards and `num_chunks` gradient-caching chunks (see
-        piccolo_jax.packing); only before the first batch. Returns the log line of the packed shapes.
+        piccolo_jax.data.packing); only before the first batch. Returns the log line of the packed shapes.
 
         The rows per block are the most that the token bounds of any block of the first batches of the run
         need (at most 64 batches, 500,000 texts read), plus 5 %: the same on every host and at every resume.
@@ -142,10 +139,6 @@ class Loader:
         self._state = self._planned = dict(state)
 
     # -- reporting -------------------------------------------------------------------------------
-    def bad_record_counts(self) -> dict[str, int]:
-        """Bad records skipped, per file (0 for clean files)."""
-        return {f: n for s in self.sources for f, n in s.bad_records.items()}
-
     def report(self) -> dict:
         """Per dataset: task type, records, batches per pass, exclusion reason, negatives shortfall (K of
         its task), bad records."""
@@ -261,16 +254,3 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0, p
     return Loader(cfg, tokenizer, sources, process_index, process_count, state)
 
 
-def to_global_arrays(batch: Mapping, sharding) -> dict[str, jax.Array]:
-    """Host-local numpy arrays -> global jax.Arrays via jax.make_array_from_process_local_data.
-
-    `sharding` is one jax.sharding.Sharding for every array (e.g. NamedSharding(mesh, P("data"))),
-    or a mapping from key to Sharding. Leading dimension = the batch, concatenated over hosts in
-    process order. Non-array values (step, dataset_name, ...) are left out.
-    """
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, np.ndarray):
-            s = sharding[key] if isinstance(sharding, Mapping) else sharding
-            out[key] = jax.make_array_from_process_local_data(s, value)
-    return out

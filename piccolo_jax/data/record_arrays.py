@@ -1,6 +1,6 @@
 """The per-record arrays the sampler reads for every row of a global batch, in the narrowest dtype.
 
-For record i of a dataset (`char_token_bounds` is the token upper bound of piccolo_jax.tokenization):
+For record i of a dataset (`char_token_bounds` is the token upper bound of piccolo_jax.text.tokenizer):
 
     query_bounds[i]   = bound(prompt_i) + bound(query_i)
     passage_bounds[i] = max over the positives and negatives of record i of bound(text)
@@ -19,8 +19,8 @@ that holds its largest (clipped) value, and an array whose values are all equal 
     resident only the pages its batches touch (at most the 800 MB, reclaimable page cache).
 
 `RecordStats` builds the arrays chunk by chunk (4,096 records a vectorised call, 2 bytes a value
-while building); `save_arrays` / `load_arrays` store them as one .npy file each next to a JSON
-description {name: {"dtype", "constant"}}. A dataset holds one task type, so `task_ids` is a constant
+while building); `prepare` stores them as one .npy file each (`array_file`) next to a JSON
+description {name: {"dtype", "constant"}}, read back by `load_arrays`. A dataset holds one task type, so `task_ids` is a constant
 (0 bytes) in every dataset the loader accepts; one that is not names the first record that disagrees. A
 description written before `task_ids` existed (TFDS format <= 3) reads as all retrieval.
 """
@@ -33,8 +33,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from piccolo_jax.data.records import TASKS, Record
-from piccolo_jax.tokenization import char_token_bounds
+from piccolo_jax.config.data import TASKS
+from piccolo_jax.data.records import Record
+from piccolo_jax.text.tokenizer import char_token_bounds
 
 ARRAY_NAMES = ("query_bounds", "passage_bounds", "num_negatives", "task_ids")
 TASK_IDS = {task: i for i, task in enumerate(TASKS)}
@@ -107,20 +108,6 @@ class RecordStats:
 
 def array_file(directory: str, name: str) -> str:
     return os.path.join(directory, f"piccolo_{name}.npy")
-
-
-def save_arrays(directory: str, arrays: Mapping[str, np.ndarray]) -> dict:
-    """Write each narrowed array as `piccolo_<name>.npy` (constants as no file); returns the JSON
-    description that `load_arrays` needs."""
-    meta = {}
-    for name in ARRAY_NAMES:
-        values = arrays[name]
-        if len(values) and values.strides == (0,):
-            meta[name] = {"dtype": values.dtype.name, "constant": int(values[0])}
-        else:
-            np.save(array_file(directory, name), np.ascontiguousarray(values))
-            meta[name] = {"dtype": values.dtype.name, "constant": None}
-    return meta
 
 
 def load_arrays(directory: str, meta: Mapping, num_records: int) -> tuple[np.ndarray, ...]:

@@ -33,8 +33,8 @@ import json
 import math
 import struct
 
-TASKS = ("retrieval", "sts", "classification")
-RECORD_FORMATS = ("auto", "uniem", "bge", "scored_pair", "classification")
+from piccolo_jax.config.data import RECORD_FORMATS
+
 PICCOLO_TYPES = {"retri_contrast": "retrieval", "cosent": "sts", "cls_contrast": "classification"}
 
 
@@ -249,23 +249,3 @@ def parse_line(raw: bytes, record_format: str = "auto") -> Record:
     return record
 
 
-def record_to_json(record: Record) -> dict:
-    """Record -> JSON that `record_from_json(_, "auto")` reads back to an equal Record.
-
-    retrieval: the BGE form (with `pos_scores` / `neg_scores` when the record has teacher scores);
-    sts: piccolo v2's `{"text", "text_pair", "label"}`; classification: piccolo v2's `{"text",
-    "text_pos", "text_neg", "type": "cls_contrast"}` (`text_pos` a string when there is one label).
-    """
-    if record.task == "sts":
-        return {"text": record.query, "text_pair": record.positives[0], "label": record.label}
-    if record.task == "classification":
-        positives = record.positives[0] if len(record.positives) == 1 else list(record.positives)
-        return {"text": record.query, "text_pos": positives, "text_neg": list(record.negatives),
-                "type": "cls_contrast"}
-    obj = {"query": record.query, "pos": list(record.positives), "neg": list(record.negatives)}
-    if record.prompt:
-        obj["prompt"] = record.prompt
-    if record.positive_scores is not None:
-        obj["pos_scores"] = list(record.positive_scores)
-        obj["neg_scores"] = list(record.negative_scores or ())
-    return obj

@@ -30,10 +30,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from piccolo_jax.config.data import TASKS
 from piccolo_jax.data import record_arrays
 from piccolo_jax.data.discovery import find_dataset_paths, jsonl_stem
 from piccolo_jax.data.jsonl_scan import TRAINER_HINT, BadRecords, scan_lines
-from piccolo_jax.data.records import TASKS, BadRecord, Record, parse_line
+from piccolo_jax.data.records import BadRecord, Record, parse_line
 
 __all__ = ["JsonlSource", "Source", "TfdsSource", "find_dataset_paths", "open_sources"]
 

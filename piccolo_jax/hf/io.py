@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from piccolo_jax.config.model import ModelConfig
 from piccolo_jax.hf import name_table
-from piccolo_jax.model_config import ModelConfig
-from piccolo_jax.params_io import TOKENIZER_FILES, atomic_directory, copy_side_files
+from piccolo_jax.model.directory import (
+    TOKENIZER_FILES,
+    atomic_directory,
+    copy_side_files,
+)
 
 ST_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")
 
@@ -101,7 +105,7 @@ def _get(tree: dict, path: str) -> Any:
 def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     import jax
 
-    from piccolo_jax.model import abstract_model
+    from piccolo_jax.model.bert import abstract_model
 
     _, abstract, _ = abstract_model(cfg)
     flat = {}

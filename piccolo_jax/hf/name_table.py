@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from piccolo_jax.model_config import ModelConfig
+from piccolo_jax.config.model import ModelConfig
 
 Hook = Callable[[np.ndarray], np.ndarray]
 
