@@ -15,7 +15,7 @@ EVAL = ROOT / "assets" / "eval" / "retrieval"
 def test_twenty_steps_with_two_evaluations_compile_few_programs(tmp_path):
     run_env = dict(env(), JAX_LOG_COMPILES="1", JAX_COMPILATION_CACHE_DIR="")
     r = subprocess.run(cmd(tmp_path / "w", "run.steps=20", f'run.eval_path="{EVAL}"', "run.eval_every=10",
-                           "run.log_every=5"),
+                           "run.log_every=5", 'run.compilation_cache=""'),  # no cache: every compile is seen
                        cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=600)  # one stream, unbuffered: JAX's compile log interleaved with ours
     out = r.stdout
