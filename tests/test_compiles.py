@@ -28,3 +28,54 @@ def test_twenty_steps_with_two_evaluations_compile_few_programs(tmp_path):
     between = out[out.index("step 10 eval:"):out.index("step 20 eval:")]
     assert "Compiling jit(" not in between, between[-3000:]
     assert len(names) <= 16, counts
+
+
+def test_runs_of_other_lengths_and_learning_rates_load_the_step_from_the_cache(tmp_path):
+    """The schedule's numbers are data of the step: a run of another length, peak lr and warmup compiles
+    nothing (every program it needs is in the cache the first run filled) and still follows its own
+    schedule (its logged lr values are optax's for its settings, not the first run's)."""
+    import json
+
+    import optax
+
+    cache = tmp_path / "xla"
+    run_env = dict(env(), JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+    def train(workdir, *sets):
+        r = subprocess.run(cmd(workdir, *sets, "data.packing=false"), cwd=ROOT, env=run_env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    train(tmp_path / "a", "run.steps=3", "optim.lr=1e-3", "optim.warmup_steps=1")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run stored nothing"
+    train(tmp_path / "b", "run.steps=7", "optim.lr=3e-3", "optim.warmup_steps=2")
+    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new compiled
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    logged = {m["step"]: m["lr"] for m in rows if "lr" in m}
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, 3e-3, 2), optax.linear_schedule(3e-3, 0.0, 5)], [2])
+    assert sorted(logged) == list(range(1, 8))
+    for step, lr in logged.items():  # the metric is the rate the update of that step used: schedule(step - 1)
+        assert abs(lr - float(schedule(step - 1))) <= 3e-3 * 2.0 ** -20, (step, lr, float(schedule(step - 1)))
+
+
+def test_configure_sets_the_cache_and_keeps_custom_partitioning_out_of_its_key(tmp_path, monkeypatch):
+    """Fused attention partitions through custom_partitioning, whose Python function pointer JAX puts into
+    the cache key unless told not to: a restarted multi-device GPU run would never hit the cache. (No GPU
+    here to lower cuDNN attention on several devices, so the setting itself is what is checked.)"""
+    import jax
+
+    from piccolo_jax.config.train import RunConfig
+    from piccolo_jax.parallel import runtime
+
+    names = ("jax_compilation_cache_dir", "jax_remove_custom_partitioning_ptr_from_cache_key")
+    saved = {n: getattr(jax.config, n) for n in names}
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path))
+    try:
+        notes = runtime.configure(RunConfig())
+        assert jax.config.jax_remove_custom_partitioning_ptr_from_cache_key is True
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+        assert any(str(tmp_path) in n for n in notes)
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)

@@ -110,31 +110,58 @@ def test_dropout_key_determinism_and_remat_gradients():
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7, err_msg=policy)
 
 
+def _np_mix(x):
+    """triple32 in numpy uint32 (wrapping), as documented in piccolo_jax.model.dropout."""
+    x = np.asarray(x, np.uint32)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint32(17))) * np.uint32(0xED5AD4BB)
+        x = (x ^ (x >> np.uint32(11))) * np.uint32(0xAC4C1B51)
+        x = (x ^ (x >> np.uint32(15))) * np.uint32(0x31848BAB)
+    return x ^ (x >> np.uint32(14))
+
+
+def _np_join(seed, value):
+    with np.errstate(over="ignore"):
+        return _np_mix(np.asarray(seed, np.uint32) ^ (np.asarray(value).astype(np.uint32) * np.uint32(0x9E3779B9)))
+
+
+def _np_seed(key_data):  # [..., words] -> [...]
+    seed = _np_mix(key_data[..., 0])
+    for i in range(1, key_data.shape[-1]):
+        seed = _np_join(seed, key_data[..., i])
+    return seed
+
+
+def _np_keep(seeds, counter, p):
+    return _np_join(seeds, counter) < np.uint32(round(p * 2 ** 32))
+
+
 def _reference_with_dropout(cfg, params, ids, mask, key):
-    """BERT with dropout written out per layer (unrolled, jax.random.bernoulli masks, jax.nn.gelu), keyed
-    as documented in piccolo_jax.model.dropout: row r -> fold_in(key, r); embeddings fold_in(row, 1_000_000),
-    layer i fold_in(row, i), then sites 0 (attention probabilities), 1 (attention output), 2 (FFN output);
-    then the token's position t: fold_in(., t). A hidden mask is bernoulli(token key, (D,)); the attention
-    mask of query token t is bernoulli(token key, (N, M))[:, key position], M = max_position_embeddings."""
+    """BERT with dropout written out per layer (unrolled, jax.nn.gelu), its masks computed in numpy from the
+    definition in piccolo_jax.model.dropout: row r -> jax.random.fold_in(key, r), its seed; embeddings
+    join(seed, 1_000_000), layer i join(seed, i), then sites 0 (attention probabilities), 1 (attention output),
+    2 (FFN output); then the token's position t. A hidden element d is kept when join(token seed, d) < p 2^32,
+    attention element [n, s] when join(token seed, n M + s) < p 2^32, M = max_position_embeddings."""
     rate_h, rate_a = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
     rows = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(ids.shape[0]))
+    row_seeds = _np_seed(np.asarray(jax.random.key_data(rows)))  # [B]
     t_len = ids.shape[1]
 
-    def token_keys(keys):  # [B] -> [B, T]
-        return jax.vmap(lambda k: jax.vmap(lambda t: jax.random.fold_in(k, t))(jnp.arange(t_len)))(keys)
+    def token_seeds(seeds):  # [B] -> [B, T]
+        return _np_join(seeds[:, None], np.arange(t_len)[None])
 
-    def drop(x, rate, keys):  # x [B, T, D]
-        keep = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, 1 - rate, (x.shape[-1],))))(token_keys(keys))
+    def drop(x, rate, seeds):  # x [B, T, D]
+        keep = _np_keep(token_seeds(seeds)[..., None], np.arange(x.shape[-1]), 1 - rate)
         return jnp.where(keep, x / (1 - rate), 0)
 
-    def drop_probs(p, rate, keys):  # p [B, N, T, S]
-        n, m = p.shape[1], cfg.max_position_embeddings
-        keep = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, 1 - rate, (n, m))))(token_keys(keys))
-        keep = jnp.transpose(keep[..., :p.shape[-1]], (0, 2, 1, 3))  # [B, T, N, S] -> [B, N, T, S]
+    def drop_probs(p, rate, seeds):  # p [B, N, T, S]
+        n, m, s = p.shape[1], cfg.max_position_embeddings, p.shape[-1]
+        counter = np.arange(n)[:, None, None] * m + np.arange(s)[None, None, :]  # [N, 1, S]
+        keep = _np_keep(token_seeds(seeds)[:, None, :, None], counter[None], 1 - rate)  # [B, N, T, S]
         return jnp.where(keep, p / (1 - rate), 0)
 
-    def fold(keys, i):
-        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+    def fold(seeds, i):
+        return _np_join(seeds, i)
 
     def ln(x, p):
         mu = x.mean(-1, keepdims=True)
@@ -143,11 +170,11 @@ def _reference_with_dropout(cfg, params, ids, mask, key):
     e = params["embeddings"]
     t = ids.shape[1]
     x = e["word"]["embedding"][ids] + e["position"]["embedding"][:t] + e["token_type"]["embedding"][0]
-    x = drop(ln(x, e["norm"]), rate_h, fold(rows, 1_000_000))
+    x = drop(ln(x, e["norm"]), rate_h, fold(row_seeds, 1_000_000))
     n, h = cfg.num_attention_heads, cfg.head_dim
     for i in range(cfg.num_hidden_layers):
         lp = jax.tree.map(lambda a: a[i], params["layers"])
-        keys = fold(rows, i)
+        keys = fold(row_seeds, i)
         dense = lambda y, p: y @ p["kernel"] + p["bias"]  # noqa: E731
         heads = lambda y: y.reshape(*y.shape[:2], n, h)  # noqa: E731
         at = lp["attention"]
@@ -163,7 +190,7 @@ def _reference_with_dropout(cfg, params, ids, mask, key):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scanned_layers_draw_the_documented_dropout_masks(remat):
-    """Same outputs as an unrolled per-layer reference whose masks come from jax.random with the documented keys."""
+    """Same outputs as an unrolled per-layer reference whose masks are computed in numpy from the documented definition."""
     cfg = ModelConfig(**TINY, remat=remat)
     params = init_params(cfg, jax.random.key(1))
     ids, mask, _ = _batch(np.random.default_rng(5))
@@ -254,21 +281,56 @@ def test_config_mismatch_is_refused():
         ModelConfig(**{**TINY, "num_attention_heads": 5})
 
 
-def test_fused_dropout_masks_equal_jax_random_bernoulli():
+def test_dropout_masks_equal_the_documented_hash():
     from piccolo_jax.model import dropout
 
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(3), jnp.arange(5))
-    for data in (0, 7, 2 ** 31 + 5):  # fold_in, written out
-        ours = jax.random.key_data(dropout.fold(keys, data))
-        ref = jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, data))
-        assert bool(jnp.all(ours == ref)), data
-    tokens = dropout.fold(keys[:, None], jnp.arange(6)[None])  # [5, 6] token keys
+    assert np.array_equal(np.asarray(jax.random.key_data(dropout.row_keys(jax.random.key(3), jnp.arange(5)))),
+                          np.asarray(jax.random.key_data(keys)))
+    seeds = np.asarray(dropout.key_seed(keys))
+    assert np.array_equal(seeds, _np_seed(np.asarray(jax.random.key_data(keys))))
+    tokens = dropout.TokenKeys.from_keys(keys[:, None], jnp.arange(6)[None]).at(4, 2)  # [5, 6] token seeds
+    ref_tokens = _np_join(_np_join(_np_join(seeds, 4), 2)[:, None], np.arange(6)[None])
+    assert np.array_equal(np.asarray(tokens), ref_tokens)
     for width, p in ((7, 0.9), (33, 0.5), (256, 0.1)):
         ours = dropout.keep_hidden(tokens, p, width)
-        ref = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, p, (width,))))(tokens)  # noqa: B023
-        assert ours.shape == ref.shape and bool(jnp.all(ours == ref)), width
-    positions = jnp.asarray([[4, 0, 2, 9], [1, 1, 3, 0], [0, 5, 6, 7], [2, 2, 2, 2], [9, 8, 7, 6]])
-    ours = dropout.keep_attention(tokens, positions, 0.3, 3, 10)  # [5, 3 heads, 6, 4]
-    full = jax.vmap(jax.vmap(lambda k: jax.random.bernoulli(k, 0.3, (3, 10))))(tokens)  # [5, 6, 3, 10]
-    ref = jnp.stack([full[b][:, :, positions[b]] for b in range(5)]).transpose(0, 2, 1, 3)
-    assert ours.shape == ref.shape == (5, 3, 6, 4) and bool(jnp.all(ours == ref))
+        ref = _np_keep(ref_tokens[..., None], np.arange(width), p)
+        assert ours.shape == ref.shape and np.array_equal(np.asarray(ours), ref), width
+    positions = np.asarray([[4, 0, 2, 9], [1, 1, 3, 0], [0, 5, 6, 7], [2, 2, 2, 2], [9, 8, 7, 6]])
+    ours = dropout.keep_attention(tokens, jnp.asarray(positions), 0.3, 3, 10)  # [5, 3 heads, 6, 4]
+    counter = np.arange(3)[None, :, None, None] * 10 + positions[:, None, None, :]  # [5, 3, 1, 4]
+    ref = _np_keep(ref_tokens[:, None, :, None], counter, 0.3)
+    assert ours.shape == ref.shape == (5, 3, 6, 4) and np.array_equal(np.asarray(ours), ref)
+
+
+def test_dropout_masks_keep_p_and_are_independent():
+    """The hash's masks behave as independent Bernoulli(p) draws: the keep rate, and the correlation of
+    neighbouring elements, tokens, rows, layers, sites and steps, each within 5 sigma of a fair draw."""
+    from piccolo_jax.model import dropout
+
+    b, t, d, p = 64, 64, 128, 0.9
+
+    def masks(step, layer, site):
+        rows = dropout.row_keys(jax.random.key(step), jnp.arange(b))
+        seeds = dropout.TokenKeys.from_keys(rows[:, None], jnp.arange(t)[None]).at(layer, site)
+        return np.asarray(dropout.keep_hidden(seeds, p, d), np.float64)  # [B, T, D]
+
+    m = masks(0, 0, 1)
+    n = m.size
+    assert abs(m.mean() - p) < 5 * np.sqrt(p * (1 - p) / n), m.mean()
+
+    def corr(x, y):
+        x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
+        return float(x @ y / np.sqrt((x @ x) * (y @ y)))
+
+    pairs = {"element": (m[..., 1:], m[..., :-1]), "token": (m[:, 1:], m[:, :-1]), "row": (m[1:], m[:-1]),
+             "layer": (m, masks(0, 1, 1)), "site": (m, masks(0, 0, 2)), "step": (m, masks(1, 0, 1))}
+    for name, (x, y) in pairs.items():
+        assert abs(corr(x, y)) < 5 / np.sqrt(x.size), (name, corr(x, y))  # null sd of a correlation: 1/sqrt(n)
+    seeds = dropout.TokenKeys.from_keys(dropout.row_keys(jax.random.key(0), jnp.arange(8))[:, None],
+                                        jnp.arange(64)[None]).at(0, 0)
+    heads = np.asarray(dropout.keep_attention(seeds, jnp.broadcast_to(jnp.arange(64), (8, 64)), p, 4, 512),
+                       np.float64)  # [8, 4, 64, 64]
+    assert abs(heads.mean() - p) < 5 * np.sqrt(p * (1 - p) / heads.size)
+    for x, y in ((heads[:, 1:], heads[:, :-1]), (heads[..., 1:], heads[..., :-1])):  # heads, key positions
+        assert abs(corr(x, y)) < 5 / np.sqrt(x.size)

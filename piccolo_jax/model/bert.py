@@ -282,7 +282,7 @@ class BertEncoder(nnx.Module):
             base = dropout_key
             if base.ndim == 0:  # one key for the batch: derive row keys 0..B-1
                 base = row_keys(base, jnp.arange(b))
-            keys = TokenKeys(base[:, None] if base.ndim == 1 else base, grid.positions)
+            keys = TokenKeys.from_keys(base[:, None] if base.ndim == 1 else base, grid.positions)
         x_btd = _dropout(x_btd, cfg.hidden_dropout_prob, keys, dropout.EMBED_SITE)
         x_btd = scan_layers(self.layers, x_btd, grid, keys, cfg.remat)
         out = {"last_hidden_state": x_btd}

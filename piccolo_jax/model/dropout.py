@@ -1,22 +1,27 @@
 """Dropout masks that follow the text and the token's position in it, never its place in a tensor.
 
 A text (a global batch row r: queries 0..B-1, positives B..2B-1, negative (i, j) at 2B + iK + j) has the
-row key k_r = fold_in(step_key, r). The mask of the token at position t (0 = [CLS]) of that text is drawn
-from the token key
+row key k_r = jax.random.fold_in(step_key, r). Everything below it is 32-bit integer hashing, with
 
-    k(r, site, t) = fold_in(fold_in(fold_in(k_r, layer), site), t)       (sites 0, 1, 2 inside a block)
-    k(r, emb, t)  = fold_in(fold_in(k_r, 1_000_000), t)                  (dropout after the embeddings)
+    mix(x)       = the `triple32` integer hash (three multiply / xor-shift rounds; a bijection of uint32)
+    join(s, v)   = mix(s ^ (v * 0x9E3779B9))    (a bijection of v for a fixed s: distinct v, distinct outputs)
 
-and is, bit for bit, `jax.random.bernoulli(k, 1 - rate, shape)` with shape (D,) on the hidden sites and
-(N, M) on the attention probabilities, of which the token (query) at t takes entry [n, s] for head n and
-key position s (M = max_position_embeddings). Padding a text to any length, chunking the batch, sharding
-it, or packing several texts into one row therefore draws exactly the same masks for every real token.
+    seed(k_r)          = join(mix(w_0), w_1) ...   over the words w of the key's data (2 for threefry)
+    s(r, layer, site, t) = join(join(join(seed, layer), site), t)   (sites 0, 1, 2 inside a block)
+    s(r, emb, t)         = join(join(seed, 1_000_000), t)           (dropout after the embeddings)
 
-For threefry keys (JAX's default, partitionable bits) fold_in and the bits are written out as elementwise
-uint32 arithmetic (fold_in(k, d) = threefry2x32(k, (0, d)); bit i of a shape = threefry2x32(k, (0, i)),
-i the row-major index), which XLA fuses into the consumer: jax.random's own CPU lowering runs threefry as
-a rolled loop over whole arrays, which made dropout masks about 9x as costly. Other key types take
-jax.random itself (vmapped), with the same definition.
+and the token at position t (0 = [CLS]) keeps element c of its mask when join(s, c) < round(p * 2^32),
+c = d on the hidden sites ([D] per token) and c = n * M + s on the attention probabilities (head n, key
+position s, M = max_position_embeddings). Padding a text to any length, chunking the batch, sharding it, or
+packing several texts into one row therefore draws exactly the same masks for every real token.
+
+Cost: one mask element is one `join`: 13 integer ops on a hidden site (xor, the hash's 11, a compare; the
+counter's product is a constant) and 16 on the attention probabilities (the counter's two, its product). The
+threefry-2x32 bits jax.random.bernoulli draws cost ~120 per element (20 rounds of add / rotate / xor, key
+injections, the float construction), which on an accelerator runs on integer units far slower than its
+matmul units, and made dropout most of the program XLA compiles (benchmarks/bench_dropout.py counts both).
+The hash passes the statistical checks in tests/test_model.py (keep rate, independence of neighbouring
+elements, tokens, layers, sites and steps); dropout needs no more than that.
 """
 
 from __future__ import annotations
@@ -26,80 +31,65 @@ import jax.numpy as jnp
 
 EMBED_SITE = 1_000_000  # distinct from every layer index
 SITE_ATTN_PROBS, SITE_ATTN_OUT, SITE_FFN_OUT = 0, 1, 2
+_GOLDEN = 0x9E3779B9  # odd, so v -> v * _GOLDEN is a bijection of uint32
+_TRIPLE32 = ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB))  # (shift, odd multiplier) per round
+_FINAL_SHIFT = 14
 
 
-def _fast(keys: jax.Array) -> bool:
-    return (jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
-            and str(jax.random.key_impl(keys)) == "threefry2x32" and jax.config.jax_threefry_partitionable)
+def mix(x: jax.Array) -> jax.Array:
+    """triple32: x ^= x >> 17; x *= 0xED5AD4BB; x ^= x >> 11; x *= 0xAC4C1B51; x ^= x >> 15;
+    x *= 0x31848BAB; x ^= x >> 14 (uint32, wrapping; every step invertible)."""
+    for shift, multiplier in _TRIPLE32:
+        x = (x ^ (x >> jnp.uint32(shift))) * jnp.uint32(multiplier)
+    return x ^ (x >> jnp.uint32(_FINAL_SHIFT))
 
 
-def threefry2x32(k0, k1, x0, x1):
-    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as jax.random computes it, unrolled."""
-    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for i in range(5):
-        for r in rotations[i % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))) ^ x0
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x0, x1
+def join(seed: jax.Array, value) -> jax.Array:
+    """mix(seed ^ value * 0x9E3779B9), seed and value broadcast together (uint32)."""
+    value = jnp.asarray(value).astype(jnp.uint32)
+    return mix(seed ^ (value * jnp.uint32(_GOLDEN)))
 
 
-def fold(keys: jax.Array, data) -> jax.Array:
-    """fold_in(keys, data) elementwise, keys and (int) data broadcast together: a key array of that shape."""
-    data = jnp.asarray(data, jnp.uint32) if isinstance(data, int) else jnp.asarray(data)
-    shape = jnp.broadcast_shapes(keys.shape, data.shape)
-    if _fast(keys):
-        kd = jax.random.key_data(keys)
-        x1 = jnp.broadcast_to(data.astype(jnp.uint32), shape)
-        y0, y1 = threefry2x32(kd[..., 0], kd[..., 1], jnp.zeros_like(x1), x1)
-        return jax.random.wrap_key_data(jnp.stack([y0, y1], axis=-1), impl="threefry2x32")
-    flat_k = jnp.broadcast_to(keys, shape).reshape(-1)
-    flat_d = jnp.broadcast_to(data, shape).reshape(-1)
-    return jax.vmap(jax.random.fold_in)(flat_k, flat_d).reshape(shape)
+def key_seed(keys: jax.Array) -> jax.Array:
+    """uint32 seeds of a PRNG key array (any implementation): its data words joined in order."""
+    words = jax.random.key_data(keys).astype(jnp.uint32)
+    seed = mix(words[..., 0])
+    for i in range(1, words.shape[-1]):
+        seed = join(seed, words[..., i])
+    return seed
 
 
 def row_keys(key: jax.Array, rows) -> jax.Array:
-    """One dropout key per global row index (any shape of `rows`): fold_in(key, row)."""
-    return fold(key, rows)
+    """One dropout key per global row index (any shape of `rows`): jax.random.fold_in(key, row)."""
+    rows = jnp.asarray(rows)
+    flat = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows.reshape(-1).astype(jnp.uint32))
+    return flat.reshape(rows.shape)
 
 
-def _uniform_below(bits1, bits2, p: float) -> jax.Array:
-    # jax.random.uniform's float32 construction from 32 random bits, then bernoulli's comparison.
-    bits = bits1 ^ bits2
-    u = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
-    return u < jnp.float32(p)
+def _threshold(p: float) -> jax.Array:
+    """round(p * 2^32) as uint32 (keep iff hash < threshold: P(keep) = threshold / 2^32, |error| <= 2^-33)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"keep probability must be in (0, 1), got {p}")
+    return jnp.uint32(min(round(p * 2.0 ** 32), 2 ** 32 - 1))
 
 
-def keep_hidden(token_keys: jax.Array, p: float, width: int) -> jax.Array:
-    """[..., width] booleans: entry [..., d] = jax.random.bernoulli(token_keys[...], p, (width,))[d]."""
-    if _fast(token_keys):
-        kd = jax.random.key_data(token_keys)[..., None, :]
-        counter = jax.lax.broadcasted_iota(jnp.uint32, (*token_keys.shape, width), token_keys.ndim)
-        return _uniform_below(*threefry2x32(kd[..., 0], kd[..., 1], jnp.zeros_like(counter), counter), p)
-    flat = token_keys.reshape(-1)
-    return jax.vmap(lambda k: jax.random.bernoulli(k, p, (width,)))(flat).reshape(*token_keys.shape, width)
+def keep_hidden(token_seeds: jax.Array, p: float, width: int) -> jax.Array:
+    """[..., width] booleans: entry [..., d] = join(token_seeds[...], d) < round(p 2^32)."""
+    counter = jax.lax.broadcasted_iota(jnp.uint32, (*token_seeds.shape, width), token_seeds.ndim)
+    return join(token_seeds[..., None], counter) < _threshold(p)
 
 
-def keep_attention(token_keys_bt: jax.Array, key_positions_bs: jax.Array, p: float, num_heads: int,
+def keep_attention(token_seeds_bt: jax.Array, key_positions_bs: jax.Array, p: float, num_heads: int,
                    max_positions: int) -> jax.Array:
     """[B, N, T, S] booleans for attention probabilities [B, N, T, S]: entry [b, n, t, s] =
-    jax.random.bernoulli(token_keys_bt[b, t], p, (N, M))[n, key_positions_bs[b, s]]."""
+    join(token_seeds_bt[b, t], n * M + key_positions_bs[b, s]) < round(p 2^32)."""
     if num_heads * max_positions >= 2 ** 32:
         raise ValueError(f"{num_heads} heads x {max_positions} positions exceed 32-bit dropout counters")
-    b, t = token_keys_bt.shape
+    b, t = token_seeds_bt.shape
     s = key_positions_bs.shape[1]
-    if _fast(token_keys_bt):
-        kd = jax.random.key_data(token_keys_bt)[:, None, :, None, :]  # [B, 1, T, 1, 2]
-        heads = jax.lax.broadcasted_iota(jnp.uint32, (b, num_heads, t, s), 1)
-        counter = heads * jnp.uint32(max_positions) + key_positions_bs.astype(jnp.uint32)[:, None, None, :]
-        return _uniform_below(*threefry2x32(kd[..., 0], kd[..., 1], jnp.zeros_like(counter), counter), p)
-    full = jax.vmap(lambda k: jax.random.bernoulli(k, p, (num_heads, max_positions)))(token_keys_bt.reshape(-1))
-    full = full.reshape(b, t, num_heads, max_positions)
-    idx = jnp.broadcast_to(key_positions_bs[:, None, None, :], (b, t, num_heads, s))
-    return jnp.transpose(jnp.take_along_axis(full, idx, axis=3), (0, 2, 1, 3))
+    heads = jax.lax.broadcasted_iota(jnp.uint32, (b, num_heads, t, s), 1)
+    counter = heads * jnp.uint32(max_positions) + key_positions_bs.astype(jnp.uint32)[:, None, None, :]
+    return join(token_seeds_bt[:, None, :, None], counter) < _threshold(p)
 
 
 def apply(x: jax.Array, rate: float, keep: jax.Array) -> jax.Array:
@@ -108,18 +98,22 @@ def apply(x: jax.Array, rate: float, keep: jax.Array) -> jax.Array:
 
 
 class TokenKeys:
-    """The dropout keys of a [B, T] token grid: `base` keys ([B, 1] per row, or [B, T] per token when texts
-    are packed) and each token's position in its text ([B, T] or [1, T]). `site(layer, site)` gives the
-    token keys k(r, site, t) of the module docstring."""
+    """The dropout seeds of a [B, T] token grid: `seeds` (uint32, [B, 1] per row, or [B, T] per token when
+    texts are packed) and each token's position in its text ([B, T] or [1, T]). `at(layer, site)` gives the
+    token seeds s(r, layer, site, t) of the module docstring."""
 
-    def __init__(self, base: jax.Array, positions: jax.Array):
-        self.base, self.positions = base, positions
+    def __init__(self, seeds: jax.Array, positions: jax.Array):
+        self.seeds, self.positions = seeds, positions
+
+    @classmethod
+    def from_keys(cls, keys: jax.Array, positions: jax.Array) -> TokenKeys:
+        return cls(key_seed(keys), positions)
 
     def at(self, *path: int) -> jax.Array:
-        keys = self.base
+        seeds = self.seeds
         for i in path:
-            keys = fold(keys, i)
-        return fold(keys, self.positions)
+            seeds = join(seeds, i)
+        return join(seeds, self.positions)
 
     def layer(self, i) -> TokenKeys:
-        return TokenKeys(fold(self.base, i), self.positions)
+        return TokenKeys(join(self.seeds, i), self.positions)

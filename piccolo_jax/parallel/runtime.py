@@ -24,7 +24,11 @@ def configure(run_cfg) -> list[str]:
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(run_cfg.compilation_cache)
     if cache:
         jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # Programs that compile in under a second are not stored (JAX's default, 1.0 s; the environment's
+        # JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS overrides it). Fused attention's custom partitioning
+        # would put a Python function pointer into every cache key, so that no restart of a multi-device
+        # run could hit the cache: leave it out (the partitioning rule is the same code in every process).
+        jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
         notes.append(f"compilation cache {cache}")
     if run_cfg.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", run_cfg.matmul_precision)

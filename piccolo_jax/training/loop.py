@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -330,6 +331,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     model_cfg, b, chunks = cfg.model, cfg.data.global_batch_size, cfg.loss.num_chunks
     is_main, processes = jax.process_index() == 0, jax.process_count()
     step_fn = make_train_step(model_cfg, cfg.loss, optimizer, mesh, cfg.parallel.strategy, schedule)
+    lr_values = jnp.asarray(schedule.values)  # data, not constants: one program for any lr / warmup / steps
     loader = pre.loader
     for line in loader.summary_lines():
         log.info("%s", line)
@@ -359,7 +361,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
             if task not in by_task:
                 log.info("compiling the train step for %s batches (the first such step takes longer) ...", task)
             state, metrics = step_fn(state, sharding.host_local_to_global(arrays, mesh),
-                                     jax.random.fold_in(base_key, step), task=task)
+                                     jax.random.fold_in(base_key, step), task=task, lr_values=lr_values)
             by_task[task] = metrics  # each task type's latest metrics (device arrays: no wait here)
             step += 1
             agreed_stop = watch.check(step, metrics)  # reads the previous step's flags: no stall

@@ -157,7 +157,8 @@ def compile_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batc
 
     step = make_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy, lr_schedule)
     state = abstract_train_state(model_cfg, optimizer, mesh, strategy)
-    return step.lower(state, batch, jax.random.key(0)).compile()
+    lr_values = None if lr_schedule is None else jnp.asarray(lr_schedule.values)  # as the loop passes them
+    return step.lower(state, batch, jax.random.key(0), lr_values=lr_values).compile()
 
 
 def train_step_peak_for(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict,

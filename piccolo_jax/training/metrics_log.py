@@ -5,11 +5,32 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 from piccolo_jax.io.storage import ObjectText
 
 log = logging.getLogger(__name__)
+
+def _summary_writer():
+    """tensorboardX.SummaryWriter, imported without torch.
+
+    tensorboardX imports torch at module level when it is installed, only to recognise torch tensors
+    (which nothing here logs): 3-4 s added to every trainer start. Unless torch is already loaded, the
+    import runs with torch hidden (tensorboardX then treats numpy arrays as its tensors), and torch stays
+    importable afterwards.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this entry is None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
 
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl, and scalars to TensorBoard (tb/).
@@ -23,9 +44,7 @@ class MetricsLog:
         self._tb = None
         if enabled:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(workdir / "tb"))
+                self._tb = _summary_writer()(str(workdir / "tb"))
             except ImportError:
                 log.warning("tensorboardX is not installed: no TensorBoard event files (metrics.jsonl only)")
 

@@ -18,6 +18,7 @@ from piccolo_jax.losses import hybrid
 from piccolo_jax.model.bert import abstract_model, encode, encode_packed
 from piccolo_jax.parallel import sharding
 from piccolo_jax.training import grad_cache
+from piccolo_jax.training.optim import LearningRate
 from piccolo_jax.training.state import TrainState, state_shardings
 
 # Optional batch entry [B] int32: a process's rows carry 1 when it received SIGINT / SIGTERM. The step
@@ -26,8 +27,8 @@ STOP_KEY = "stop_requested"
 
 
 def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: optax.GradientTransformation,
-                    mesh: Mesh, strategy: str, lr_schedule: optax.Schedule | None = None):
-    """jit(train_step(state, batch, key, task="retrieval") -> (state, metrics)), donating `state`.
+                    mesh: Mesh, strategy: str, lr_schedule: LearningRate | None = None):
+    """jit(train_step(state, batch, key, task="retrieval", lr_values=None) -> (state, metrics)), donating `state`.
 
     `batch` holds global arrays: query_input_ids / query_attention_mask [B, Tq], passage_* [B, Tp] and, for
     hard negatives, negative_* [B, K, Tp]; or the packed layout of `packing.pack_host_batch` (the same loss,
@@ -35,7 +36,9 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
     (`data.batching.TASK_KEYS`: labels [B] for sts, teacher_scores [B, 1 + K] and has_teacher [B] for
     distillation). `key` is this step's dropout key (e.g. fold_in(seed_key, step)). `task` (static: one
     program per task type) picks the loss (piccolo_jax.losses.hybrid); the metrics carry the task loss's own
-    metrics as they are and under "<task>/", and "loss/<task>" = loss.
+    metrics as they are and under "<task>/", and "loss/<task>" = loss. `lr_values` (optional, [3] float32,
+    `optim.LearningRate.values`) passes the learning-rate schedule's numbers as data: the trainer does, so
+    that its compiled step does not depend on them (piccolo_jax.training.optim).
     """
     shards = sharding.data_parallel_size(mesh)
 
@@ -55,7 +58,7 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
     def encode_packed_fn(params, ids, positions, segments, num_slots, keys):
         return encode_packed(model_cfg, gathered(params), ids, positions, segments, num_slots, keys)
 
-    def step(state: TrainState, batch: dict, key: jax.Array, task: str = "retrieval"):
+    def step(state: TrainState, batch: dict, key: jax.Array, task: str = "retrieval", lr_values=None):
         loss_fn = hybrid.task_loss_fn(loss_cfg, task, batch)
         packed = "packed_query_input_ids" in batch  # packing.pack_host_batch's layout
         loss, metrics, grads = (grad_cache.packed_loss_and_grads if packed else grad_cache.loss_and_grads)(
@@ -63,7 +66,8 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
             num_chunks=loss_cfg.num_chunks, shards=shards, constrain=sharding.row_constraint(mesh),
             local_sum=sharding.shard_local_sum(mesh, strategy))
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        extra = {} if lr_values is None else {"lr_values": lr_values}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         # Non-finite guard over the loss, the gradient and the result: the global L2 norms of the updated
         # parameters and optimizer moments must be finite too. A norm overflows float32 (3.4e38) long
@@ -84,7 +88,7 @@ def make_train_step(model_cfg: ModelConfig, loss_cfg: LossConfig, optimizer: opt
         if STOP_KEY in batch:  # any process asked to stop: every process reads the same value
             metrics[STOP_KEY] = jnp.max(batch[STOP_KEY])
         if lr_schedule is not None:
-            metrics["lr"] = lr_schedule(state.step)
+            metrics["lr"] = lr_schedule(state.step, lr_values)
         return new_state, metrics
 
     shardings = state_shardings(model_cfg, optimizer, mesh, strategy)
