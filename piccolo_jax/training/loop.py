@@ -52,7 +52,7 @@ from piccolo_jax.training.checkpoint import Checkpointer, abstract_like, error_r
 from piccolo_jax.training.export import write_export
 from piccolo_jax.training.flops import step_flops
 from piccolo_jax.training.metrics_log import MetricsLog
-from piccolo_jax.training.optim import learning_rate_schedule, make_optimizer
+from piccolo_jax.training.optim import LearningRate, make_optimizer
 from piccolo_jax.training.preflight import Preflight, preflight
 from piccolo_jax.training.progress import ProgressBar, RunLogHandler, console_handler
 from piccolo_jax.training.state import TrainState, create_train_state, missing_subtrees
@@ -230,7 +230,7 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
 
     model_cfg = cfg.model
     optimizer = make_optimizer(cfg.optim, cfg.run.steps)
-    schedule = learning_rate_schedule(cfg.optim, cfg.run.steps)
+    schedule = LearningRate(cfg.optim, cfg.run.steps)
     base_key = jax.random.key(cfg.run.seed)
     init_key = jax.random.fold_in(base_key, 2**31 - 1)  # disjoint from the dropout keys fold_in(base, step)
     strategy = cfg.parallel.strategy

@@ -12,6 +12,7 @@ from piccolo_jax.io.storage import ObjectText
 
 log = logging.getLogger(__name__)
 
+
 def _summary_writer():
     """tensorboardX.SummaryWriter, imported without torch.
 

@@ -9,7 +9,7 @@ optimiser state is optax.adamw's with a schedule, so checkpoints keep their layo
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ class LearningRate:
         lr, warmup, total = (jnp.asarray(self.values) if values is None else values)
         count = jnp.asarray(count).astype(jnp.float32)
         ramp = jnp.maximum(warmup, 1.0)
-        warm = (0.0 - lr) * (1.0 - jnp.clip(count, 0.0, ramp) / ramp) + lr
+        warm = (0.0 - lr) * (1.0 - jnp.clip(count, 0.0, ramp) / ramp) + lr  # optax's (init - end) frac + end
         decay_steps = jnp.maximum(total - warmup, 1.0)
         after = count - warmup
         if self.kind == "linear":
@@ -46,10 +46,6 @@ class LearningRate:
         else:
             decayed = lr * jnp.ones_like(count)
         return jnp.where(count < warmup, warm, decayed)
-
-
-class _Count(NamedTuple):
-    count: jax.Array
 
 
 def _scale_by_learning_rate(lr: LearningRate) -> optax.GradientTransformationExtraArgs:
@@ -85,8 +81,3 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         optax.add_decayed_weights(cfg.weight_decay, weight_decay_mask),
         _scale_by_learning_rate(LearningRate(cfg, total_steps))))
     return optax.chain(*parts)
-
-
-def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> LearningRate:
-    """The schedule `make_optimizer(cfg, total_steps)` applies."""
-    return LearningRate(cfg, total_steps)
