@@ -32,8 +32,9 @@ def test_twenty_steps_with_two_evaluations_compile_few_programs(tmp_path):
 
 def test_runs_of_other_lengths_and_learning_rates_load_the_step_from_the_cache(tmp_path):
     """The schedule's numbers are data of the step: a run of another length, peak lr and warmup compiles
-    nothing (every program it needs is in the cache the first run filled) and still follows its own
-    schedule (its logged lr values are optax's for its settings, not the first run's)."""
+    nothing (every program it needs is in the cache the first run filled), reads the step's traced
+    program instead of tracing it (program_cache), and still follows its own schedule (its logged lr
+    values are optax's for its settings, not the first run's)."""
     import json
 
     import optax
@@ -45,12 +46,18 @@ def test_runs_of_other_lengths_and_learning_rates_load_the_step_from_the_cache(t
         r = subprocess.run(cmd(workdir, *sets, "data.packing=false"), cwd=ROOT, env=run_env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout + r.stderr
 
-    train(tmp_path / "a", "run.steps=3", "optim.lr=1e-3", "optim.warmup_steps=1")
-    entries = sorted(p.name for p in cache.iterdir())
-    assert entries, "the first run stored nothing"
-    train(tmp_path / "b", "run.steps=7", "optim.lr=3e-3", "optim.warmup_steps=2")
-    assert sorted(p.name for p in cache.iterdir()) == entries  # nothing new compiled
+    def stored():
+        return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+
+    first = train(tmp_path / "a", "run.steps=3", "optim.lr=1e-3", "optim.warmup_steps=1")
+    entries = stored()
+    assert "train step for retrieval batches: traced; kept in" in first
+    assert any(e.startswith("programs/") for e in entries) and len(entries) > 1, entries
+    second = train(tmp_path / "b", "run.steps=7", "optim.lr=3e-3", "optim.warmup_steps=2")
+    assert stored() == entries  # nothing new compiled or traced
+    assert f"train step for retrieval batches: traced program read from {cache / 'programs'}" in second
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     logged = {m["step"]: m["lr"] for m in rows if "lr" in m}
     schedule = optax.join_schedules([optax.linear_schedule(0.0, 3e-3, 2), optax.linear_schedule(3e-3, 0.0, 5)], [2])

@@ -135,3 +135,34 @@ def test_refusals_and_help_start_no_jax(argv, code, text):
                        timeout=120)
     assert f"EXIT {code} JAX False" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     assert text in r.stdout + r.stderr
+
+
+# What a trainer start imports: the loop, the encoder and the TensorBoard writer, without the packages
+# they would load for nothing (piccolo_jax.io.lean_imports), and each of them still importable after.
+LEAN = """
+import importlib, importlib.util, sys
+from piccolo_jax.training import loop
+from piccolo_jax.training.metrics_log import _summary_writer
+_summary_writer(url=False)
+names = ("torch", "boto3", "google.cloud.storage", "IPython")
+print("LOADED", sorted(m for m in names if m in sys.modules))
+installed = [m for m in names if importlib.util.find_spec(m.split(".")[0]) is not None]
+for m in installed:
+    importlib.import_module(m)
+print("IMPORTABLE", installed)
+"""
+
+
+def test_a_trainer_start_loads_neither_torch_nor_storage_clients_nor_ipython():
+    r = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=300)
+    assert "LOADED []" in r.stdout and "IMPORTABLE ['torch', " in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_a_url_work_directory_gets_tensorboardx_storage_writers_after_a_local_one():
+    from tensorboardX import record_writer
+
+    from piccolo_jax.training.metrics_log import _summary_writer
+
+    _summary_writer(url=False)
+    _summary_writer(url=True)
+    assert record_writer.GCS_ENABLED and "gs" in record_writer.REGISTERED_FACTORIES

@@ -52,7 +52,8 @@ class RunConfig:
     # Multi-host: a process that sends no heartbeat for this long is dead, and the others stop (exit 1).
     heartbeat_timeout_s: int = 60
     # Persistent XLA compilation cache: a restart (resume, preemption) reuses the compiled step instead of
-    # compiling again. "" = off. JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+    # compiling again, and its traced program (programs/) instead of tracing it. "" = off.
+    # JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
     compilation_cache: str = "~/.cache/piccolo-jax/xla"
     # GPU: deterministic reductions (--xla_gpu_deterministic_ops), so that a restart reproduces the run
     # bit for bit (the embedding-gradient scatter-add is otherwise nondeterministic); a little slower.

@@ -41,12 +41,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.io.lean_imports import hidden
 from piccolo_jax.model import attention, dropout
 from piccolo_jax.model.dropout import TokenKeys, row_keys  # noqa: F401  (row_keys: the public key of a row)
 from piccolo_jax.model.pooling import dense_of, pool, pool_segments, sentence_head  # noqa: F401  (re-exported)
+
+with hidden("IPython"):  # flax.nnx asks IPython whether it runs inside it: only if already loaded
+    from flax import nnx
 
 Params = dict[str, Any]
 

@@ -54,6 +54,7 @@ from piccolo_jax.training.flops import step_flops
 from piccolo_jax.training.metrics_log import MetricsLog
 from piccolo_jax.training.optim import LearningRate, make_optimizer
 from piccolo_jax.training.preflight import Preflight, preflight
+from piccolo_jax.training.program_cache import ProgramCache, wrap_step
 from piccolo_jax.training.progress import ProgressBar, RunLogHandler, console_handler
 from piccolo_jax.training.state import TrainState, create_train_state, missing_subtrees
 from piccolo_jax.training.step import STOP_KEY, make_train_step
@@ -251,8 +252,10 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
 
     last: dict = {"step": start}
     if start < cfg.run.steps:
-        _check_memory(cfg, mesh, optimizer, schedule, _task_types(pre))
-        state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule)
+        programs = ProgramCache.for_run(cfg)
+        _check_memory(cfg, mesh, optimizer, schedule, _task_types(pre), programs)
+        state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule,
+                            programs)
     step = last["step"]
     if stop or step < cfg.run.steps:
         where = f"checkpoint {ckpt.directory}/{step}" if step else "nothing to save yet"
@@ -275,7 +278,8 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
     return {**last, "state": "complete"}
 
 
-def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule, tasks: tuple[str, ...]) -> None:
+def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule, tasks: tuple[str, ...],
+                  programs: ProgramCache | None = None) -> None:
     """Compile the step at the largest shapes the loader can produce and refuse (exit 2) a config whose
     per-device peak does not fit the device, naming the loss.num_chunks that does (piccolo_jax.training.memory)."""
     limit = int(cfg.run.memory_limit_gib * memory.GiB) or memory.device_memory_limit()
@@ -288,7 +292,7 @@ def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule, tasks: tuple[str,
     if jax.process_count() > 1:  # the loop's batches carry the stop flags: compile that very program
         batch[STOP_KEY] = jax.ShapeDtypeStruct((b,), np.int32, sharding=sharding.batch_sharding(mesh, 1))
     peak_for = memory.train_step_peak_for(cfg.model, cfg.loss, optimizer, mesh, cfg.parallel.strategy, batch,
-                                          schedule)
+                                          schedule, programs)
     candidates = memory.chunk_candidates(b, sharding.data_parallel_size(mesh), cfg.loss.num_chunks)
     try:
         report = memory.fit_num_chunks(peak_for, cfg.loss.num_chunks, candidates, limit)
@@ -326,11 +330,13 @@ def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start
 
 
 def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainState, ckpt: Checkpointer,
-          stop: StopRequested, start: int, base_key, optimizer, schedule) -> tuple[TrainState, dict]:
+          stop: StopRequested, start: int, base_key, optimizer, schedule,
+          programs: ProgramCache | None = None) -> tuple[TrainState, dict]:
     """Steps start+1 .. run.steps, or until a stop; saves the last step done. Returns (state, last metrics)."""
     model_cfg, b, chunks = cfg.model, cfg.data.global_batch_size, cfg.loss.num_chunks
     is_main, processes = jax.process_index() == 0, jax.process_count()
-    step_fn = make_train_step(model_cfg, cfg.loss, optimizer, mesh, cfg.parallel.strategy, schedule)
+    step_fn = wrap_step(make_train_step(model_cfg, cfg.loss, optimizer, mesh, cfg.parallel.strategy, schedule),
+                        programs, sharding.replicated(mesh))
     lr_values = jnp.asarray(schedule.values)  # data, not constants: one program for any lr / warmup / steps
     loader = pre.loader
     for line in loader.summary_lines():

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from piccolo_jax.data.packing import PackingSpec
-from piccolo_jax.parallel.sharding import batch_sharding
+from piccolo_jax.parallel.sharding import batch_sharding, replicated
+from piccolo_jax.training.program_cache import wrap_step
 
 GiB = 1024 ** 3
 HEADROOM = 0.95  # the peak may use this share of the limit (allocator fragmentation, cuDNN/cuBLAS workspaces)
@@ -147,27 +148,30 @@ def abstract_train_state(model_cfg, optimizer, mesh, strategy: str) -> Any:
 
 
 def compile_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict,
-                       lr_schedule=None) -> Any:
+                       lr_schedule=None, programs=None) -> Any:
     """`make_train_step(...)` lowered and compiled on abstract inputs (`abstract_batch`): nothing runs.
 
-    With the trainer's own `lr_schedule` (and batch entries) this is the program its loop runs at these
-    shapes, so a persistent compilation cache serves the loop's compile of them.
+    With the trainer's own `lr_schedule`, batch entries and program cache (`program_cache.ProgramCache`)
+    this is the program its loop runs at these shapes, so a persistent compilation cache serves the loop's
+    compile of them.
     """
     from piccolo_jax.training.step import make_train_step
 
     step = make_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy, lr_schedule)
+    if lr_schedule is not None:
+        step = wrap_step(step, programs, replicated(mesh))
     state = abstract_train_state(model_cfg, optimizer, mesh, strategy)
     lr_values = None if lr_schedule is None else jnp.asarray(lr_schedule.values)  # as the loop passes them
     return step.lower(state, batch, jax.random.key(0), lr_values=lr_values).compile()
 
 
 def train_step_peak_for(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batch: dict,
-                        lr_schedule=None) -> Callable[[int], int]:
+                        lr_schedule=None, programs=None) -> Callable[[int], int]:
     """`peak_for(num_chunks)` for `fit_num_chunks`: compile the step with that many chunks, return its peak."""
     def peak_for(num_chunks: int) -> int:
         cfg = dataclasses.replace(loss_cfg, num_chunks=num_chunks)
         return compiled_peak_bytes(compile_train_step(model_cfg, cfg, optimizer, mesh, strategy, batch,
-                                                      lr_schedule))
+                                                      lr_schedule, programs))
     return peak_for
 
 
