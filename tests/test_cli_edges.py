@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_cli import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / "assets" / "tokenizer"
@@ -46,7 +47,7 @@ def models(tmp_path_factory):
 
 def cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "piccolo_jax", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, check=False, env={**os.environ, "XLA_FLAGS": ""})
+                          text=True, check=False, env={**os.environ, "XLA_FLAGS": xla_flags()})
 
 
 def assert_one_line_error(run, *fragments):

@@ -26,6 +26,7 @@ from piccolo_jax.evaluation.runners import (
     trec_order,
 )
 from piccolo_jax.evaluation.tasks import RetrievalTask
+from trainer_cli import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets" / "eval"
@@ -304,7 +305,7 @@ def test_evaluate_cli_on_sample_set(tmp_path):
     out = tmp_path / "results.json"
     run = subprocess.run(check=False, args=[sys.executable, "scripts/evaluate.py", "--model", str(model), str(ASSETS),
                           "--no-instructions", "--output", str(out)], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": ""})
+                         env={**os.environ, "XLA_FLAGS": xla_flags()})
     assert run.returncode == 0, run.stderr
     assert "ndcg@10" in run.stdout and "cos_spearman" in run.stdout
     report = json.loads(out.read_text(encoding="utf-8"))

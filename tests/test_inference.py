@@ -19,6 +19,7 @@ from piccolo_jax.inference.batching import bucket_length, plan_batches
 from piccolo_jax.inference.encoder import PASSAGE_PREFIX, QUERY_PREFIX, Encoder, embed
 from piccolo_jax.parallel import sharding  # noqa: E402
 from piccolo_jax.text.tokenizer import Tokenizer  # noqa: E402
+from trainer_cli import xla_flags
 
 MINILM = Path(minilm.__file__).parent / "model"
 MAX_LEN = 64  # small cap: few compiled shapes, and the long texts below exercise truncation
@@ -263,7 +264,7 @@ def test_import_is_lazy():
 
 
 def _run_encode_cli(*args):
-    env = {**os.environ, "XLA_FLAGS": ""}  # one device is plenty for the CLI
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # one device is plenty for the CLI
     return subprocess.run(check=False, args=[sys.executable, "scripts/encode.py", "--model", str(MINILM), "--max-length", str(MAX_LEN),
                            "--no-progress", *args], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
                           env=env)

@@ -19,6 +19,7 @@ from piccolo_jax.inference.mining import (
     top_k_search,
 )
 from piccolo_jax.parallel import sharding
+from trainer_cli import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,7 +161,7 @@ def test_mine_negatives_cli(tmp_path):
                              for i, t in enumerate(corpus[:6])), encoding="utf-8")
     (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
     out = tmp_path / "out" / "finetune.jsonl"
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}
     run = subprocess.run(check=False, args=[sys.executable, "scripts/mine_negatives.py", "--model", str(model), "--input", str(pairs),
                           "--corpus", str(tmp_path / "corpus.txt"), "--output", str(out), "--window", "2", "12",
                           "--num-negatives", "4", "--no-progress"], cwd=REPO, capture_output=True, text=True, env=env)

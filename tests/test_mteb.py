@@ -24,6 +24,7 @@ from mteb.models.models_protocols import EncoderProtocol  # noqa: E402
 
 from piccolo_jax.evaluation.runners import MTEBModel  # noqa: E402
 from piccolo_jax.inference.encoder import PASSAGE_PREFIX, QUERY_PREFIX, Encoder  # noqa: E402
+from trainer_cli import xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM = Path(minilm.__file__).parent / "model"
@@ -237,7 +238,7 @@ def test_evaluate_command_equals_mteb(tmp_path, st_model, st_scores, edge_cases)
     out = tmp_path / "results.json"
     run = subprocess.run([sys.executable, "scripts/evaluate.py", "--model", str(MINILM), str(tmp_path / "tasks"),
                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, check=False,
-                         env={**os.environ, "XLA_FLAGS": ""})
+                         env={**os.environ, "XLA_FLAGS": xla_flags()})
     assert run.returncode == 0, run.stderr
     tasks = json.loads(out.read_text(encoding="utf-8"))["tasks"]
     got, ref = tasks["retrieval"]["metrics"], ref_scores["PiccoloLocalRetrieval"]
@@ -253,7 +254,7 @@ def test_evaluate_command_equals_mteb(tmp_path, st_model, st_scores, edge_cases)
 
 
 def test_mteb_tasks_option_offline_without_data(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "MTEB_CACHE": str(tmp_path / "mteb")}
     run = subprocess.run([sys.executable, "-m", "piccolo_jax", "evaluate", "--model", str(MINILM),
                           "--mteb-tasks", "AFQMC"], cwd=tmp_path, capture_output=True, text=True, check=False, env=env)
@@ -306,7 +307,7 @@ class AFQMCCopy(AbsTaskSTS):
 def test_mteb_tasks_option_runs_a_cached_task_offline(tmp_path):
     hf_home = tmp_path / "hf"
     _cache_afqmc(hf_home / "datasets")
-    env = {**os.environ, "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(hf_home)}
     out = tmp_path / "out.json"
     run = subprocess.run([sys.executable, "-m", "piccolo_jax", "evaluate", "--model", str(MINILM),
                           "--mteb-tasks", "AFQMC", "--output", str(out)], cwd=tmp_path, capture_output=True,

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from trainer_cli import xla_flags
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 TIMEOUT_S = 300  # start-up, compile and one step of both workers, on a loaded 2-core machine
@@ -49,7 +50,7 @@ def wait_all(procs, deadline: float) -> None:
 
 @pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 def test_two_processes_match_one_process(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     deadline = time.monotonic() + TIMEOUT_S
     port = free_port()
     procs = []

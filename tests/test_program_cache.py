@@ -8,6 +8,7 @@ under a key that changes with everything the program depends on and with nothing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,13 +22,14 @@ from piccolo_jax.config.train import load_config
 from piccolo_jax.parallel.sharding import MeshConfig, host_local_to_global, make_mesh, replicated
 from piccolo_jax.training import program_cache
 from piccolo_jax.training.optim import LearningRate, make_optimizer
-from piccolo_jax.training.program_cache import CachedStep, ProgramCache, config_fingerprint
+from piccolo_jax.training.program_cache import CachedStep, ProgramCache, config_fingerprint, step_description
 from piccolo_jax.training.state import create_train_state
 from piccolo_jax.training.step import LossConfig, make_train_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 
 LOSS = LossConfig(kind="in_batch", temperature=0.05, num_chunks=2)
+BUILT = step_description(CFG, LOSS, "fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def _assert_same(got, want, shardings_of=None):
 def test_traced_and_read_back_programs_equal_the_jitted_step(setup, tmp_path, caplog):
     mesh, step, fresh_state, batch, key, lr_values, reference = setup
     cache = ProgramCache(tmp_path, {"config": "a"})
-    first = CachedStep(step, cache, replicated(mesh))
+    first = CachedStep(step, cache, replicated(mesh), BUILT)
     state = fresh_state()
     shardings = jax.tree.map(lambda a: a.sharding, state)
     with caplog.at_level(logging.INFO, logger="piccolo_jax"):
@@ -74,7 +76,7 @@ def test_traced_and_read_back_programs_equal_the_jitted_step(setup, tmp_path, ca
     assert first.loaded == ["traced"]
 
     # A new start (new objects, same directory and context) reads the program instead of tracing it.
-    second = CachedStep(step, ProgramCache(tmp_path, {"config": "a"}), replicated(mesh))
+    second = CachedStep(step, ProgramCache(tmp_path, {"config": "a"}), replicated(mesh), BUILT)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="piccolo_jax"):
         out = second(fresh_state(), batch, key, task="retrieval", lr_values=lr_values)
@@ -84,24 +86,24 @@ def test_traced_and_read_back_programs_equal_the_jitted_step(setup, tmp_path, ca
 
 def test_a_damaged_or_foreign_entry_is_traced_again_and_replaced(setup, tmp_path):
     mesh, step, fresh_state, batch, key, lr_values, reference = setup
-    CachedStep(step, ProgramCache(tmp_path, {}), replicated(mesh))(fresh_state(), batch, key, lr_values=lr_values)
+    CachedStep(step, ProgramCache(tmp_path, {}), replicated(mesh), BUILT)(fresh_state(), batch, key, lr_values=lr_values)
     (entry,) = tmp_path.glob("*.exported")
     good = entry.read_bytes()
     entry.write_bytes(good[: len(good) // 2])  # a truncated file
-    again = CachedStep(step, ProgramCache(tmp_path, {}), replicated(mesh))
+    again = CachedStep(step, ProgramCache(tmp_path, {}), replicated(mesh), BUILT)
     _assert_same(again(fresh_state(), batch, key, lr_values=lr_values), reference)
     assert again.loaded == ["traced"]
     jax.export.deserialize(bytearray(entry.read_bytes()))  # rewritten whole (not byte for byte: names differ)
 
 
 def test_an_unwritable_cache_warns_and_the_step_still_runs(setup, tmp_path, caplog):
-    mesh, step, fresh_state, batch, key, lr_values, reference = setup
+    """The step runs the program it traced whether or not it could be stored (the path of the first test)."""
     (tmp_path / "file").write_text("not a directory")
-    cached = CachedStep(step, ProgramCache(tmp_path / "file" / "programs", {}), replicated(mesh))
+    cache = ProgramCache(tmp_path / "file" / "programs", {})
     with caplog.at_level(logging.WARNING, logger="piccolo_jax"):
-        out = cached(fresh_state(), batch, key, lr_values=lr_values)
+        assert cache.store("key", b"program") is False
     assert "cannot be written" in caplog.text and str(tmp_path / "file" / "programs") in caplog.text
-    _assert_same(out, reference)
+    assert cache.load("key") is None
 
 
 def _key(cache: ProgramCache, args, task="retrieval") -> str:
@@ -151,6 +153,23 @@ def test_the_key_follows_what_the_program_depends_on(setup, monkeypatch):
     finally:
         jax.config.update("jax_default_matmul_precision", precision)
     assert _key(ProgramCache("/unused", base), arrays) == key
+
+
+def test_steps_built_from_other_configs_have_other_keys(setup):
+    """The memory check builds steps with other loss.num_chunks over the run's cache: each its own program."""
+    mesh = setup[0]
+    cache = ProgramCache("/unused", {})
+    args = [jax.device_put(np.zeros((8, 4), np.float32), replicated(mesh))]
+    treedef = jax.tree.structure({"a": 0})
+
+    def key(loss=LOSS, model=CFG, strategy="fsdp"):
+        return CachedStep(None, cache, None, step_description(model, loss, strategy)).key("retrieval", treedef,
+                                                                                          treedef, args)
+
+    assert key() == key()
+    assert key(loss=LossConfig(kind="in_batch", temperature=0.05, num_chunks=4)) != key()
+    assert key(model=dataclasses.replace(CFG, attention_probs_dropout_prob=0.0)) != key()
+    assert key(strategy="zero1") != key()
 
 
 def test_the_source_digest_covers_every_module(monkeypatch):

@@ -20,13 +20,18 @@ FAST = ["model.num_hidden_layers=1", "model.hidden_size=32", "model.num_attentio
 TIMEOUT_S = 600
 
 
+def xla_flags(devices: int | None = None) -> str:
+    """The tests' XLA_FLAGS (conftest: cheaper CPU compiles) with `devices` CPU devices (default one)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def env(devices: int | None = None) -> dict:
     """The user's environment: one CPU device unless asked (the tests' own 8-device flag removed)."""
     out = dict(os.environ)
-    flags = [f for f in out.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    if devices:
-        flags.append(f"--xla_force_host_platform_device_count={devices}")
-    out["XLA_FLAGS"] = " ".join(flags)
+    out["XLA_FLAGS"] = xla_flags(devices)
     out["PYTHONUNBUFFERED"] = "1"
     out["JAX_PLATFORMS"] = "cpu"
     return out

@@ -54,7 +54,7 @@ from piccolo_jax.training.flops import step_flops
 from piccolo_jax.training.metrics_log import MetricsLog
 from piccolo_jax.training.optim import LearningRate, make_optimizer
 from piccolo_jax.training.preflight import Preflight, preflight
-from piccolo_jax.training.program_cache import ProgramCache, wrap_step
+from piccolo_jax.training.program_cache import ProgramCache, step_description, wrap_step
 from piccolo_jax.training.progress import ProgressBar, RunLogHandler, console_handler
 from piccolo_jax.training.state import TrainState, create_train_state, missing_subtrees
 from piccolo_jax.training.step import STOP_KEY, make_train_step
@@ -336,7 +336,8 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     model_cfg, b, chunks = cfg.model, cfg.data.global_batch_size, cfg.loss.num_chunks
     is_main, processes = jax.process_index() == 0, jax.process_count()
     step_fn = wrap_step(make_train_step(model_cfg, cfg.loss, optimizer, mesh, cfg.parallel.strategy, schedule),
-                        programs, sharding.replicated(mesh))
+                        programs, sharding.replicated(mesh),
+                        step_description(model_cfg, cfg.loss, cfg.parallel.strategy))
     lr_values = jnp.asarray(schedule.values)  # data, not constants: one program for any lr / warmup / steps
     loader = pre.loader
     for line in loader.summary_lines():

@@ -28,7 +28,7 @@ import numpy as np
 
 from piccolo_jax.data.packing import PackingSpec
 from piccolo_jax.parallel.sharding import batch_sharding, replicated
-from piccolo_jax.training.program_cache import wrap_step
+from piccolo_jax.training.program_cache import step_description, wrap_step
 
 GiB = 1024 ** 3
 HEADROOM = 0.95  # the peak may use this share of the limit (allocator fragmentation, cuDNN/cuBLAS workspaces)
@@ -159,7 +159,7 @@ def compile_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy: str, batc
 
     step = make_train_step(model_cfg, loss_cfg, optimizer, mesh, strategy, lr_schedule)
     if lr_schedule is not None:
-        step = wrap_step(step, programs, replicated(mesh))
+        step = wrap_step(step, programs, replicated(mesh), step_description(model_cfg, loss_cfg, strategy))
     state = abstract_train_state(model_cfg, optimizer, mesh, strategy)
     lr_values = None if lr_schedule is None else jnp.asarray(lr_schedule.values)  # as the loop passes them
     return step.lower(state, batch, jax.random.key(0), lr_values=lr_values).compile()

@@ -15,6 +15,7 @@ custom partitioning, e.g. fused attention on a GPU) runs as `jax.jit` traces it,
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -113,12 +114,20 @@ def _aval(x: Any) -> list:
     return [list(x.shape), str(x.dtype), placed]
 
 
+def step_description(model_cfg, loss_cfg, strategy: str) -> dict:
+    """What `make_train_step` builds a step from, besides the optimizer (the run's, in the cache's context):
+    the memory check builds steps of other `loss.num_chunks` than the run's config names."""
+    return {"model": dataclasses.asdict(model_cfg), "loss": dataclasses.asdict(loss_cfg), "strategy": strategy}
+
+
 class CachedStep:
     """`make_train_step`'s jitted step behind the program cache: called as the step is,
-    `(state, batch, key, task=..., lr_values=...) -> (state, metrics)`, donating `state`."""
+    `(state, batch, key, task=..., lr_values=...) -> (state, metrics)`, donating `state`. `built_from`
+    (`step_description`) joins the key: one cache serves steps built from other configs."""
 
-    def __init__(self, step: Callable, cache: ProgramCache, metrics_sharding: Any):
+    def __init__(self, step: Callable, cache: ProgramCache, metrics_sharding: Any, built_from: dict):
         self._step, self._cache, self._metrics_sharding = step, cache, metrics_sharding
+        self._built_from = json.dumps(built_from, sort_keys=True, default=str)
         self._programs: dict = {}
         self.loaded: list[str] = []  # "read" or "traced" per program, in the order they were first needed
 
@@ -143,6 +152,10 @@ class CachedStep:
             program = self._programs[signature] = self._program(task, state_def, batch_def, args)
         return program, state_def, args
 
+    def key(self, task: str, state_def, batch_def, args: list) -> str:
+        return self._cache.key(f"train_step/{task}/{self._built_from}", (state_def, batch_def),
+                               [_aval(a) for a in args])
+
     def _program(self, task, state_def, batch_def, args):
         n_state, n_batch = state_def.num_leaves, batch_def.num_leaves
         step = self._step
@@ -154,7 +167,7 @@ class CachedStep:
             new_state, metrics = step(state, batch, step_key, task=task, lr_values=leaves[-1])
             return jax.tree.leaves(new_state), metrics
 
-        key = self._cache.key(f"train_step/{task}", (state_def, batch_def), [_aval(a) for a in args])
+        key = self.key(task, state_def, batch_def, args)
         blob = self._cache.load(key)
         exported = _deserialize(blob, args) if blob is not None else None
         if exported is not None:
@@ -192,6 +205,6 @@ def _deserialize(blob: bytes, args: list):
     return exported
 
 
-def wrap_step(step: Callable, cache: ProgramCache | None, metrics_sharding: Any) -> Callable:
+def wrap_step(step: Callable, cache: ProgramCache | None, metrics_sharding: Any, built_from: dict) -> Callable:
     """The step behind the program cache when there is one (and the step can be exported), else as it is."""
-    return step if cache is None else CachedStep(step, cache, metrics_sharding)
+    return step if cache is None else CachedStep(step, cache, metrics_sharding, built_from)
