@@ -86,7 +86,8 @@ def test_traced_and_read_back_programs_equal_the_jitted_step(setup, tmp_path, ca
 
 def test_a_damaged_or_foreign_entry_is_traced_again_and_replaced(setup, tmp_path):
     mesh, step, fresh_state, batch, key, lr_values, reference = setup
-    CachedStep(step, ProgramCache(tmp_path, {}), replicated(mesh), BUILT)(fresh_state(), batch, key, lr_values=lr_values)
+    first = CachedStep(step, ProgramCache(tmp_path, {}), replicated(mesh), BUILT)
+    first(fresh_state(), batch, key, lr_values=lr_values)
     (entry,) = tmp_path.glob("*.exported")
     good = entry.read_bytes()
     entry.write_bytes(good[: len(good) // 2])  # a truncated file
