@@ -138,7 +138,8 @@ def test_refusals_and_help_start_no_jax(argv, code, text):
 
 
 # What a trainer start imports: the loop, the encoder and the TensorBoard writer, without the packages
-# they would load for nothing (piccolo_jax.io.lean_imports), and each of them still importable after.
+# they would load for nothing (piccolo_jax.io.lean_imports), and each of them still importable after; a
+# URL work directory then gets tensorboardX's own gs:// writer (its module reloaded with the client).
 LEAN = """
 import importlib, importlib.util, sys
 from piccolo_jax.training import loop
@@ -146,6 +147,10 @@ from piccolo_jax.training.metrics_log import _summary_writer
 _summary_writer(url=False)
 names = ("torch", "boto3", "google.cloud.storage", "IPython")
 print("LOADED", sorted(m for m in names if m in sys.modules))
+from tensorboardX import record_writer
+print("LOCAL GCS", record_writer.GCS_ENABLED)
+_summary_writer(url=True)
+print("URL GCS", record_writer.GCS_ENABLED, "gs" in record_writer.REGISTERED_FACTORIES)
 installed = [m for m in names if importlib.util.find_spec(m.split(".")[0]) is not None]
 for m in installed:
     importlib.import_module(m)
@@ -155,14 +160,6 @@ print("IMPORTABLE", installed)
 
 def test_a_trainer_start_loads_neither_torch_nor_storage_clients_nor_ipython():
     r = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, timeout=300)
-    assert "LOADED []" in r.stdout and "IMPORTABLE ['torch', " in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
-
-
-def test_a_url_work_directory_gets_tensorboardx_storage_writers_after_a_local_one():
-    from tensorboardX import record_writer
-
-    from piccolo_jax.training.metrics_log import _summary_writer
-
-    _summary_writer(url=False)
-    _summary_writer(url=True)
-    assert record_writer.GCS_ENABLED and "gs" in record_writer.REGISTERED_FACTORIES
+    out = r.stdout + r.stderr[-3000:]
+    assert "LOADED []" in r.stdout and "IMPORTABLE ['torch', " in r.stdout, out
+    assert "LOCAL GCS False" in r.stdout and "URL GCS True True" in r.stdout, out
