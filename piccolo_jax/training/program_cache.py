@@ -11,6 +11,7 @@ or read back: `jax.jit(Exported.call)` with the step's donation and output shard
 executes the very program of the run it resumes. An entry that is missing, unreadable or does not match
 the arguments is traced again and rewritten (atomically); a step that cannot be exported (one with
 custom partitioning, e.g. fused attention on a GPU) runs as `jax.jit` traces it, uncached, with a note.
+Single-process runs with a local compilation cache only (`ProgramCache.for_run`).
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class ProgramCache:
 
     @classmethod
     def for_run(cls, cfg) -> ProgramCache | None:
-        """The run's cache, beside the XLA compilation cache; None without one, or with several processes
-        (each would trace its own program: they are not shared, so nothing is stored)."""
+        """The run's cache, beside a local XLA compilation cache; None without one (or with a URL for it),
+        and None with several processes: two traces of one step serialize to different bytes (names), and
+        every process of a run must compile the very same program, which one that read a stored program
+        while another traced it would not."""
         directory = jax.config.jax_compilation_cache_dir
         if not directory or jax.process_count() > 1 or "://" in directory:
             return None
