@@ -108,8 +108,9 @@ def test_an_unwritable_cache_warns_and_the_step_still_runs(setup, tmp_path, capl
 
 
 def _key(cache: ProgramCache, args, task="retrieval") -> str:
+    """The key a cached step looks its program up under, for `args` as its batch (no state)."""
     leaves, treedef = jax.tree.flatten(args)
-    return cache.key(f"train_step/{task}", (treedef,), [program_cache._aval(a) for a in leaves])
+    return CachedStep(None, cache, None, BUILT).key(task, jax.tree.structure(()), treedef, leaves)
 
 
 def test_the_key_follows_what_the_program_depends_on(setup, monkeypatch):
