@@ -1,8 +1,10 @@
 """piccolo-jax: train and run piccolo Chinese text-embedding models (BERT + mean pooling) on a device mesh.
 
     from piccolo_jax import Encoder
-    enc = Encoder.load("path/to/model")          # Hugging Face directory or piccolo-jax model directory
-    emb = enc.encode(["查询文本"], kind="query")  # float32 numpy [N, D], L2-normalised
+    enc = Encoder.load("path/to/model")          # Hugging Face directory, piccolo-jax model directory, run
+                                                 # directory or hub id ORG/NAME (from the local HF cache)
+    emb = enc.encode(["查询文本"], kind="query")  # float32 numpy [N, D], L2-normalised; the model's query
+                                                 # prompt (else piccolo's "查询: ") before each text
 
 Importing the package is cheap: `Encoder` (and with it JAX and Flax) is imported on first use.
 """

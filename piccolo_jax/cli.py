@@ -20,7 +20,7 @@ COMMANDS = {
     "encode": ("encode", "embed a corpus into a .npy matrix"),
     "evaluate": ("evaluate", "retrieval / STS / reranking metrics, local tasks or mteb"),
     "mine": ("mine_negatives", "mine hard negatives into finetune JSONL"),
-    "prepare": ("prepare_data", "convert JSONL datasets into TFDS array_record"),
+    "prepare": ("prepare_data", "convert JSONL / Parquet / Arrow / hub datasets into TFDS array_record"),
 }
 
 

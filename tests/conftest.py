@@ -19,6 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "xla")
+# Parquet datasets converted for memory-mapping (piccolo_jax.data.arrow_tables), likewise never in ~.
+os.environ["PICCOLO_JAX_CACHE"] = str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "piccolo-jax")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program: the runs share many small ones
 
 import jax  # noqa: E402

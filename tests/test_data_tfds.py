@@ -348,8 +348,9 @@ def test_a_running_prepare_keeps_its_temporary_directory(tmp_path):
 def test_bad_paths_exit_2_with_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     for target, message in ((tmp_path / "nope.jsonl", "no such dataset file or directory"),
-                            (tmp_path / "notes.txt", "unsupported dataset file (expected .jsonl)"),
-                            (tmp_path, "no .jsonl files or TFDS datasets in this directory")):
+                            (tmp_path / "notes.txt", "unsupported dataset file (expected .jsonl, .parquet, .arrow)"),
+                            (tmp_path, ("no data files (.jsonl, .parquet, .arrow) or TFDS / save_to_disk datasets "
+                                        "in this directory"))):
         r = prepare("--output", tmp_path / "out", target)
         assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"error: {target}: {message}"
 
@@ -365,7 +366,7 @@ def test_discovery_case_insensitive_nested_refused_skips_logged(tmp_path):
     (data / ".hidden.jsonl").write_text("x")
     r = prepare("--output", out, data)
     assert r.returncode == 2
-    assert r.stderr.splitlines()[-1] == (f"error: {data / 'zh'}: 1 .jsonl file(s) in a nested directory "
+    assert r.stderr.splitlines()[-1] == (f"error: {data / 'zh'}: 1 data file(s) in a nested directory "
                                          f"(e.g. nested.jsonl), which are not read; list {data / 'zh'} itself "
                                          f"in the data paths to read them")
     assert not out.exists()
@@ -373,13 +374,14 @@ def test_discovery_case_insensitive_nested_refused_skips_logged(tmp_path):
     assert r.returncode == 0, r.stderr
     for name, n in (("upper", 4), ("lower", 5), ("nested", 6)):
         assert f"{out / name / '1.0.0'}: {n} records" in r.stdout
-    for skipped, why in (("README.md", "not a .jsonl file"), ("notes.txt", "not a .jsonl file"),
+    not_data = "not a data file (.jsonl, .parquet, .arrow)"
+    for skipped, why in (("README.md", not_data), ("notes.txt", not_data),
                          (".hidden.jsonl", "hidden")):
         assert f"WARNING skipping {data / skipped}: {why}" in r.stderr
     (out / "stray.txt").write_text("x")  # a TFDS data dir scanned by the loader: the stray file is logged
     r = prepare("--output", tmp_path / "again", out)
     assert r.returncode == 2 and "WARNING skipping" in r.stderr and "already a TFDS dataset" in r.stderr
-    assert f"skipping {out / 'stray.txt'}: not a .jsonl file" in r.stderr
+    assert f"skipping {out / 'stray.txt'}: {not_data}" in r.stderr
 
 
 def test_skipped_records_report_the_first_five_of_each_file_and_the_rest(tmp_path):

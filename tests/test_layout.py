@@ -125,6 +125,11 @@ REFUSALS = [
     (["mine", "--model", "m"], 2, "required"),
     (["convert", "sideways", "a", "b"], 2, "sideways"),
     (["prepare", "--output", "out", "--record-format", "nope", "in.jsonl"], 2, "nope"),
+    (["prepare", "--output", "out", "--columns", "passage=answer", "in.parquet"], 2, "'passage' is not a record key"),
+    # a hub model id that is not in the cache (HF_HUB_OFFLINE=1, from conftest): one line before JAX
+    (["convert", "hf2jax", "nobody/nothing", "out"], 2, "hf download nobody/nothing"),
+    (["train", "--stage", "pretrain", "--init", "nobody/nothing"], 2, "hf download nobody/nothing"),
+    (["evaluate", "--model", "m", "--no-instructions", "--query-prefix", "q: ", "t"], 2, "contradict"),
 ]
 
 

@@ -36,6 +36,7 @@ def test_wheel_holds_only_the_package_and_its_data(wheel):
     assert {t for t in top if not t.endswith(".dist-info")} == {"piccolo_jax"}, top
     for needed in ("piccolo_jax/configs/tiny.toml", "piccolo_jax/configs/pretrain.toml",
                    "piccolo_jax/assets/tokenizer/vocab.txt", "piccolo_jax/assets/data/pretrain/paraphrase.jsonl",
+                   "piccolo_jax/assets/eval/sts.jsonl", "piccolo_jax/assets/eval/retrieval/corpus.jsonl",
                    "piccolo_jax/hf/name_table.py", "piccolo_jax/cli.py"):
         assert needed in names, needed
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

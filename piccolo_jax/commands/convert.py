@@ -1,10 +1,13 @@
 """Convert BERT weights between Hugging Face PyTorch format and piccolo-jax model directories.
 
     python conversion/convert.py hf2jax HF_DIR OUT_DIR     # HF (safetensors or .bin) -> Orbax + config
+    piccolo-jax convert hf2jax ORG/NAME[@REV] OUT_DIR      # a Hugging Face hub id: from the local cache
+                                                           #   (downloaded first when online)
     python conversion/convert.py jax2hf OUT_DIR HF_DIR     # ours -> config.json + model.safetensors
                                                            #   + tokenizer + sentence-transformers files
 
 Output is written to a temporary directory and renamed only when complete; a failure leaves nothing.
+The sentence-transformers files (max_seq_length, prompts in config_sentence_transformers.json) go both ways.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from pathlib import Path
 
 
 def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
+    from piccolo_jax.io.hub import resolve_model_path
+
+    source = hf_dir
+    hf_dir = str(resolve_model_path(hf_dir))  # a hub id -> its snapshot; a missing one: one line before JAX
     from piccolo_jax.hf import ST_FILES, load_hf_model
     from piccolo_jax.model.bert import count_params
     from piccolo_jax.model.directory import copy_side_files, save_model_dir
@@ -22,7 +29,7 @@ def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
     cfg, params, report = load_hf_model(hf_dir)
     keep_st_files = lambda tmp: copy_side_files(Path(hf_dir), tmp, ST_FILES)  # noqa: E731
     save_model_dir(out_dir, cfg, params, side_files_from=hf_dir, overwrite=overwrite, extra=keep_st_files)
-    print(f"hf2jax: {hf_dir} -> {out_dir}: {count_params(params):,} parameters, "
+    print(f"hf2jax: {source} -> {out_dir}: {count_params(params):,} parameters, "
           f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, pooling={cfg.pooling}, "
           f"normalize={cfg.normalize}, pooler={cfg.add_pooler}")
     if report["ignored_buffers"] or report["ignored_head_tensors"]:
@@ -47,7 +54,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hf2jax", help="Hugging Face directory -> piccolo-jax model directory")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin, or a "
+                   "Hugging Face hub id ORG/NAME[@REVISION] (the local cache first; HF_HUB_OFFLINE=1: the cache only)")
     p.add_argument("out_dir", help="new piccolo-jax model directory")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     p = sub.add_parser("jax2hf", help="piccolo-jax model directory -> Hugging Face directory")
@@ -57,14 +65,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
     p.add_argument("--max-seq-length", type=int, default=None,
                    help="sentence-transformers max_seq_length when the source has no sentence_bert_config.json")
     args = parser.parse_args(argv)  # usage errors: exit 2 before JAX is imported
-    from piccolo_jax.hf import ConversionError
-
     try:
         if args.command == "hf2jax":
             hf2jax(args.hf_dir, args.out_dir, args.overwrite)
         else:
             jax2hf(args.model_dir, args.hf_dir, args.overwrite, args.max_seq_length)
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # hf.ConversionError is a ValueError
         print(f"convert.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

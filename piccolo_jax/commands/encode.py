@@ -64,6 +64,11 @@ def write_embeddings(enc, items, n_texts: int, out_path: Path | None, ids_path: 
     return written
 
 
+def input_path(value: str):
+    """An input argument: a hub dataset spec stays a string (a Path would fold its "//"), else a Path."""
+    return value if "://" in value else Path(value)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.encoder_options import add_encoder_arguments
     from piccolo_jax.commands.errors import Parser, run_guarded
@@ -71,13 +76,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
-    p.add_argument("--input", required=True, type=Path, help="JSONL (with --field) or text file, one text per line")
+    p.add_argument("--input", required=True, type=input_path,
+                   help="JSONL (with --field) or text file, one text per line; or a Parquet / Arrow file, a "
+                        "save_to_disk directory or hf://datasets/ORG/NAME[:SPLIT] (with --field naming the column)")
     p.add_argument("--field", default=None, help="JSONL field holding the text (required for .jsonl; omit for a "
                    "plain text file)")
     p.add_argument("--id-field", default=None, help="JSONL field holding the id (default: line numbers)")
     p.add_argument("--output", required=True, type=Path, help="embeddings .npy (ids go to OUTPUT.ids.txt)")
     p.add_argument("--kind", choices=("query", "passage", "none"), default="none",
-                   help="instruction prefix: query '查询: ', passage '结果: ', none (default)")
+                   help="instruction prefix: query or passage (--query-prefix / --passage-prefix; default the "
+                        "model's sentence-transformers prompts, else piccolo's '查询: ' / '结果: '), none (default)")
     p.add_argument("--chunk-size", type=int, default=100_000, help="texts read, sorted and encoded at a time")
     p.add_argument("--no-normalize", action="store_true", help="write raw pooled vectors (no L2 normalisation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -97,15 +105,31 @@ def run(args) -> int:
     from piccolo_jax.io.text_files import check_text_input, count_lines, iter_texts
     from piccolo_jax.parallel.processes import is_main_process, temp_path
 
-    check_text_input(args.input, args.field)
-    n_texts, n_blank = count_lines(args.input)
+    from piccolo_jax.data import arrow_tables
+
+    if arrow_tables.is_table_input(args.input):  # Parquet / Arrow / hub dataset: --field names the column
+        if args.field is None:
+            raise InputError(f"{args.input}: a table input needs --field naming the text column")
+        kind, opened = arrow_tables.open_input(args.input)
+        if kind == "jsonl":
+            args.input = Path(opened)
+        else:
+            def texts():
+                return arrow_tables.table_texts(args.input, opened, args.field, args.id_field)
+            n_texts, n_blank = opened.num_rows, 0
+    if not arrow_tables.is_table_input(args.input):
+        check_text_input(args.input, args.field)
+        n_texts, n_blank = count_lines(args.input)
+
+        def texts():
+            return iter_texts(args.input, args.field, args.id_field)
     if n_texts == 0:
         raise InputError(f"{args.input}: no texts (the file is empty or blank)")
     if args.field is not None:  # every record is checked before the model loads, not hours into encoding
-        for _ in iter_texts(args.input, args.field, args.id_field):
+        for _ in texts():
             pass
     enc = encoder_from_args(args)
-    items = iter_texts(args.input, args.field, args.id_field)
+    items = texts()
     if not is_main_process():  # encode its share, receive the rest, write nothing
         write_embeddings(enc, items, n_texts, None, None, args, None)
         return 0
@@ -116,7 +140,7 @@ def run(args) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=n_texts, unit="text", desc=f"encode {args.input.name}")
+        progress = tqdm(total=n_texts, unit="text", desc=f"encode {Path(args.input).name}")
     try:
         written = write_embeddings(enc, items, n_texts, tmp_out, tmp_ids, args, progress)
         if written != n_texts:

@@ -1,12 +1,15 @@
 """Evaluate an embedding model on local C-MTEB-style tasks: prints a table (x 100) and writes JSON.
 
-    python scripts/evaluate.py --model MODEL_DIR assets/eval --output results.json
+    piccolo-jax evaluate --model MODEL_DIR bundled --output results.json   # the sample tasks, from any directory
     piccolo-jax evaluate --model RUN_DIR --mteb-tasks T2Retrieval,AFQMC   # mteb's tasks, data in the HF cache
 
-MODEL_DIR is a Hugging Face directory, a piccolo-jax model directory, or a training run directory (its
-export/model).
+MODEL_DIR is a Hugging Face directory, a piccolo-jax model directory, a training run directory (its
+export/model), or a Hugging Face hub id ORG/NAME[@REVISION] (from the local cache; downloaded when online).
 
-Each TASK argument is a task, or a directory whose entries (one level down) are tasks:
+Each TASK argument is a task, or a directory whose entries (one level down) are tasks; `bundled` is the
+sample set that ships with piccolo-jax (one task of each kind), from any directory. A file or directory
+named `bundled` in the current directory wins over the sample set, as a local file wins over a bundled
+config name (`./bundled` always means the local one; run from another directory for the sample set).
 
   retrieval  a directory with corpus.jsonl {"_id", "text", "title"?}, queries.jsonl {"_id", "text"} and
              qrels.tsv / qrels/test.tsv (query-id <TAB> corpus-id <TAB> score, optional header) or
@@ -18,8 +21,10 @@ Each TASK argument is a task, or a directory whose entries (one level down) are 
 --dims 256,512,... also reports every local task's metrics on the first d coordinates of the embeddings,
 renormalised (Matryoshka; each text is encoded once): table rows "NAME @d", JSON "dims": {"d": metrics}.
 
-Queries are encoded with piccolo's "查询: " prefix and passages with "结果: " (retrieval and reranking);
---no-instructions turns the prefixes off (for models trained without them). To reproduce the published
+Queries and passages (retrieval and reranking) are encoded with the model's sentence-transformers prompts
+("query", "document" in config_sentence_transformers.json; an export has the run's), else piccolo's
+"查询: " / "结果: "; --query-prefix / --passage-prefix set others, --no-instructions turns the prefixes off
+(for models trained without them). To reproduce the published
 C-MTEB table, run the C-MTEB tasks with --mteb-tasks (the `mteb` package; each task's data must be in
 the Hugging Face datasets cache, e.g. downloaded once online), or export each dataset into these layouts.
 Retrieval numbers equal trec_eval's (pytrec_eval, as mteb uses it) on the same ranking.
@@ -41,12 +46,14 @@ from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.commands.encoder_options import add_encoder_arguments
+    from piccolo_jax.commands.encoder_options import add_encoder_arguments, check_prefix_arguments
     from piccolo_jax.parallel.processes import multi_process, run_command
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p)
-    p.add_argument("tasks", nargs="*", metavar="TASK", help="task directory / .jsonl file, or a folder of them")
+    p.add_argument("tasks", nargs="*", metavar="TASK",
+                   help="task directory / .jsonl file, or a folder of them; `bundled`: the sample tasks that ship "
+                        "with piccolo-jax (a local path named bundled wins)")
     p.add_argument("--mteb-tasks", default=None, metavar="NAME[,NAME...]",
                    help="also run these mteb tasks (e.g. T2Retrieval,AFQMC) with the mteb package, on data in the "
                         "Hugging Face datasets cache (HF_HOME); offline when HF_HUB_OFFLINE=1")
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="Matryoshka: also the metrics on the first D coordinates (renormalised) of each embedding, "
                         "e.g. 256,512,1024 (local TASK paths; --mteb-tasks run at full width)")
     args = p.parse_args(argv)
+    check_prefix_arguments(p, args)
     try:
         args.dims = _dims(args.dims)
     except ValueError as e:
@@ -122,7 +130,10 @@ def run(args, mteb_names: list[str]) -> int:
         mteb_results = run_mteb_tasks(model, mteb_tasks)
         print(("\n" if results else "") + format_mteb_table(mteb_results), end="")
     if args.output is not None:
-        report = {"model": args.model, "instructions": not args.no_instructions, "dtype": args.dtype,
+        report = {"model": args.model, "instructions": not args.no_instructions,
+                  "prefixes": None if args.no_instructions else {"query": enc.query_prefix,
+                                                                  "passage": enc.passage_prefix},
+                  "dtype": args.dtype,
                   "max_length": enc.max_length, "dim": enc.dim, "tasks": results}
         if args.dims:
             report["dims"] = args.dims

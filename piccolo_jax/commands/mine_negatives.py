@@ -12,6 +12,9 @@ Output: {"text": q, "text_pos": p, "text_neg": [n1, ...]} per positive (--format
 [START, END) of the exact cosine search, never a positive of the query nor the query itself, drawn
 uniformly (seeded per query) and listed in rank order; rows whose window holds too few candidates get
 fewer negatives and are counted. The output file appears only when complete.
+Queries are encoded with their record's prompt, else the model's query prompt (its sentence-transformers
+"query" prompt, else piccolo's "查询: "), passages with its document prompt (else "结果: "):
+--query-prefix / --passage-prefix set others, --no-instructions none.
 
 Multi-host: the same command in every process with --coordinator HOST:PORT --num-processes N
 --process-id I (or under SLURM / on a TPU pod); each process encodes its share on its own devices, the
@@ -28,8 +31,25 @@ from pathlib import Path
 from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
-def read_records(path: Path) -> list:
+def read_records(path) -> list:
+    """The records of the input: JSONL lines, or the rows of a table input (Parquet, Arrow, hub dataset),
+    in any format the trainer reads (the first bad one refused naming its file and line or row)."""
+    from piccolo_jax.data import arrow_tables
+    from piccolo_jax.data.jsonl_scan import CLI_HINT
     from piccolo_jax.data.records import BadRecord, parse_line
+
+    if arrow_tables.is_table_input(path):
+        from piccolo_jax.data.sources import open_sources
+
+        try:
+            (source,) = open_sources([str(path)], skip_hint=CLI_HINT)
+        except BadRecord as e:
+            raise InputError(str(e)) from None
+        if not len(source):
+            raise InputError(f"{path}: no records (the table is empty)")
+        return source.records(range(len(source)))
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
 
     records = []
     with open(path, "rb") as f:
@@ -50,9 +70,19 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
     """Passages to mine from: one a line, or one JSONL field a line; an empty passage is an error."""
     from piccolo_jax.io.text_files import check_text_input, iter_texts
 
-    check_text_input(path, field, option="--corpus-field")
+    from piccolo_jax.data import arrow_tables
+
+    if arrow_tables.is_table_input(path):
+        if field is None:
+            raise InputError(f"{path}: a table corpus needs --corpus-field naming the passage column")
+        kind, opened = arrow_tables.open_input(path)
+        items = (iter_texts(Path(opened), field) if kind == "jsonl" else
+                 arrow_tables.table_texts(path, opened, field, option="--corpus-field"))
+    else:
+        check_text_input(path, field, option="--corpus-field")
+        items = iter_texts(path, field)
     texts = []
-    for line_id, text in iter_texts(path, field):
+    for line_id, text in items:
         if not text.strip():
             raise InputError(f"{path}:{line_id}: field {field!r} is empty")
         texts.append(text)
@@ -62,14 +92,17 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from piccolo_jax.commands.encoder_options import add_encoder_arguments
+    from piccolo_jax.commands.encode import input_path
+    from piccolo_jax.commands.encoder_options import add_encoder_arguments, check_prefix_arguments
     from piccolo_jax.parallel.processes import run_command
 
     p = Parser(prog=prog, description=__doc__)
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
-    p.add_argument("--input", required=True, type=Path, help="training JSONL (uniem or BGE records)")
+    p.add_argument("--input", required=True, type=input_path,
+                   help="training records: JSONL, Parquet, Arrow, a save_to_disk directory or hf://datasets/ORG/NAME")
     p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
-    p.add_argument("--corpus", type=Path, default=None, help="passages to mine from (default: the input's)")
+    p.add_argument("--corpus", type=input_path, default=None,
+                   help="passages to mine from (default: the input's): text, JSONL, Parquet, Arrow or a hub dataset")
     p.add_argument("--corpus-field", default=None, help="JSONL field of --corpus (required for .jsonl; omit for "
                    "one passage a line)")
     p.add_argument("--window", type=int, nargs=2, default=(10, 100), metavar=("START", "END"),
@@ -83,6 +116,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="passage token limit (default: the model's max_seq_length, else 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    check_prefix_arguments(p, args)
     start, end = args.window
     if not 0 <= start < end:
         p.error(f"--window {start} {end}: need 0 <= START < END")
@@ -100,8 +134,6 @@ def run(args) -> int:
     from piccolo_jax.parallel.processes import is_main_process, temp_path
 
     start, end = args.window
-    if not args.input.is_file():
-        raise InputError(f"{args.input}: no such file")
     records = read_records(args.input)
     corpus = read_corpus(args.corpus, args.corpus_field) if args.corpus is not None else None
     if args.format == "uniem" and any(r.prompt for r in records):

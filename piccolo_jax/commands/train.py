@@ -6,8 +6,9 @@ With no other arguments it trains the tiny config on the bundled sample data (CP
     piccolo-jax train --stage finetune --init runs/pretrain     # -> runs/finetune
 
 Real recipes: --config pretrain / finetune (the bundled configs/pretrain.toml, configs/finetune.toml) with
---set 'data.paths=["my/data"]'. Any field can be overridden with --set section.key=value, or for one
-stage only --set finetune.optim.lr=2e-5 (type-checked; unknown keys are refused before anything compiles).
+--set data.paths=my/data/ (one path; several as a list: --set 'data.paths=["a/", "b.jsonl"]'). Any field
+can be overridden with --set section.key=value, or for one stage only --set finetune.optim.lr=2e-5
+(type-checked; unknown keys are refused before anything compiles).
 
 The same command again continues the run: a finished run says so (and writes its export if missing), a
 larger run.steps extends it, an interrupted one resumes from its latest checkpoint. SIGTERM / Ctrl-C stop
@@ -22,6 +23,7 @@ process runs the same command; a process that loses a peer exits 1 naming the la
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -46,8 +48,10 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<stage>); rerunning continues it")
     p.add_argument("--init", default=None,
                    help="start from an HF directory (e.g. piccolo-base-zh, bert-base-chinese), a piccolo-jax "
-                        "model directory, or a finished run directory (uses its export/model); its tokenizer "
-                        "comes with it unless `tokenizer` is set")
+                        "model directory, a finished run directory (uses its export/model), or a Hugging Face hub "
+                        "id ORG/NAME[@REVISION] (the local cache first; HF_HUB_OFFLINE=1: the cache only); its "
+                        "tokenizer and its sentence-transformers prompts (as data.query_prefix / passage_prefix) come "
+                        "with it unless the config sets them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=2e-5 or --set finetune.optim.lr=2e-5 "
                         "(repeatable)")
@@ -97,17 +101,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return supervise(argv, args)
 
     from piccolo_jax.config import ConfigError, load_config
+    from piccolo_jax.io.hub import is_hub_id, resolve_model_path
     from piccolo_jax.io.resources import find_config
 
-    overrides = list(args.overrides) + ([f"init={json.dumps(args.init)}"] if args.init else [])
+    hub_init = args.init if args.init and is_hub_id(args.init) else None  # an id, not a path to make absolute
+    overrides = list(args.overrides) + ([f"init={json.dumps(args.init)}"] if args.init and not hub_init else [])
     try:
         cfg = load_config(find_config(args.config), args.stage, overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
+    if hub_init:
+        cfg = dataclasses.replace(cfg, init=hub_init)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False))
         return 0
+    if hub_init:  # into the local cache now (downloaded when online): a missing id is one line before JAX
+        try:
+            resolve_model_path(hub_init)
+        except FileNotFoundError as e:
+            print(f"train: error: --init {e}", file=sys.stderr)
+            return 2
     from piccolo_jax.parallel.runtime import configure
 
     configure(cfg.run)  # before JAX starts its backends

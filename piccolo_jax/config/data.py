@@ -7,18 +7,27 @@ from collections.abc import Mapping
 
 TASKS = ("retrieval", "sts", "classification")  # task types: each has its own loss (piccolo_jax.losses.hybrid)
 RECORD_FORMATS = ("auto", "uniem", "bge", "scored_pair", "classification")  # data.record_format
+QUERY_PREFIX, PASSAGE_PREFIX = "查询: ", "结果: "  # piccolo's instructions: the prefixes when nothing sets others
+# The keys of those formats: what a column map (data.columns) may read a dataset's columns as.
+RECORD_KEYS = frozenset({"text", "text_pos", "text_neg", "text_pair", "type", "query", "pos", "neg", "prompt",
+                         "pos_scores", "neg_scores", "sentence1", "sentence2", "label"})
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Settings of `make_loader`. Dataset names are file stems (JSONL) or TFDS builder names."""
 
-    # JSONL files, directories of JSONL files, or TFDS dataset directories; one file = one dataset.
+    # Datasets: JSONL / Parquet / Arrow files, directories of them, TFDS or `datasets.save_to_disk` directories,
+    # hub datasets hf://datasets/ORG/NAME[/CONFIG][:SPLIT][@REVISION]; one file (or Parquet shard set) = one dataset.
     paths: tuple[str, ...] = ()
     # "auto": each record by its keys ({"text", ...} uniem/M3E/piccolo, {"query", ...} FlagEmbedding/BGE,
     # {"sentence1", ...} / {"text_pair", ...} scored pairs); or one of "uniem", "bge", "scored_pair",
     # "classification" for every file.
     record_format: str = "auto"
+    # (dataset name, {our key: their column}) pairs: a dataset's own column names read as ours, e.g.
+    # {faq = {text = "question", text_pos = "answer"}}. Without one, sentence-transformers' columns (anchor /
+    # positive / negative_1.., query / answer, sentence1 / sentence2 / score) and the formats above are known.
+    columns: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     # (dataset name, task type) pairs, task "retrieval", "sts" or "classification": the loss of that dataset's
     # batches. A dataset not listed takes the task of its records (scored pairs: sts; piccolo v2 rows with
     # "type": "cls_contrast": classification; pairs, triplets, BGE rows: retrieval). Only retrieval-format
@@ -44,9 +53,10 @@ class DataConfig:
     # Pack several texts into each row of max-length tokens (attention within each text), so the encoder
     # computes real tokens only; the same loss and gradients as padding. false: pad every batch side.
     packing: bool = True
-    # Instructions prepended before tokenising (piccolo's), except on symmetric datasets.
-    query_prefix: str = "查询: "  # on queries
-    passage_prefix: str = "结果: "  # on positives and hard negatives
+    # Instructions prepended before tokenising, except on symmetric datasets. Unset (null): the --init model's
+    # sentence-transformers prompts (config_sentence_transformers.json) when it has them, else piccolo's.
+    query_prefix: str | None = None  # on queries; piccolo's "查询: "
+    passage_prefix: str | None = None  # on positives and hard negatives; piccolo's "结果: "
     # Datasets whose two sides are alike (paraphrase, NLI): no prefix on either side. STS datasets (scored
     # pairs) never get the two prefixes above (as STS evaluation encodes without them); dataset_prefixes can.
     symmetric_datasets: tuple[str, ...] = ()
@@ -70,6 +80,18 @@ class DataConfig:
         if isinstance(self.dataset_tasks, Mapping):
             object.__setattr__(self, "dataset_tasks", tuple(self.dataset_tasks.items()))
         object.__setattr__(self, "dataset_tasks", tuple((str(n), str(t)) for n, t in self.dataset_tasks))
+        if isinstance(self.columns, Mapping):
+            object.__setattr__(self, "columns", tuple(self.columns.items()))
+        object.__setattr__(self, "columns", tuple(
+            (str(n), tuple(m.items()) if isinstance(m, Mapping) else tuple(tuple(p) for p in m))
+            for n, m in self.columns))
+        for name, mapping in self.columns:
+            for ours, theirs in mapping:
+                if ours not in RECORD_KEYS:
+                    raise ValueError(f"columns[{name!r}]: {ours!r} is not a record key; expected one of "
+                                     f"{sorted(RECORD_KEYS)}")
+                if not isinstance(theirs, str) or not theirs:
+                    raise ValueError(f"columns[{name!r}][{ours!r}] must name a column, got {theirs!r}")
         for name, task in self.dataset_tasks:
             if task not in TASKS:
                 raise ValueError(f"dataset_tasks[{name!r}] = {task!r}; expected one of {TASKS}")
@@ -102,7 +124,8 @@ class DataConfig:
                 return query_prefix, passage_prefix
         if dataset in self.symmetric_datasets or task == "sts":
             return "", ""
-        return self.query_prefix, self.passage_prefix
+        return (QUERY_PREFIX if self.query_prefix is None else self.query_prefix,
+                PASSAGE_PREFIX if self.passage_prefix is None else self.passage_prefix)
 
     def negatives_for(self, task: str) -> int:
         """Negatives per row of a batch of task type `task`: K, the classification K, or 0 for sts."""
@@ -111,6 +134,11 @@ class DataConfig:
         if task == "classification":
             return self.classification_negatives or self.num_negatives
         return self.num_negatives
+
+    def columns_of(self, dataset: str) -> dict[str, str] | None:
+        """The column map of `dataset` {our key: its column}, or None."""
+        mapping = dict(self.columns).get(dataset)
+        return dict(mapping) if mapping is not None else None
 
     def declared_task(self, dataset: str) -> str | None:
         """The task `dataset_tasks` gives `dataset`, or None."""

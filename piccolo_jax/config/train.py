@@ -6,7 +6,9 @@ overlays deep-merged under this file's: a tiny variant of a recipe keeps every c
 shrink; paths in each file stay relative to that file), plus optional stage overlays (`[pretrain.data]`, `[finetune.loss]`, ...) that
 apply only to that stage; `--set pretrain.optim.lr=1e-4` is the same overlay on the command line. Unknown
 sections or keys, and values of the wrong type, are refused with the file and key named, before anything
-is compiled, in the overlays of both stages (a typo in the stage not being run is still a typo).
+is compiled, in the overlays of both stages (a typo in the stage not being run is still a typo). A single
+string where a tuple of strings is expected (`data.paths = "mydata/"`, `--set data.paths=mydata/`) is a
+one-element tuple.
 
 Paths (`tokenizer`, `init`, `data.paths`, `run.eval_path`) written in a config file are relative to that
 file's directory; on the command line (`--set`, `--init`) relative to the current directory. Both are made
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -136,6 +139,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     elif origin is tuple:
         if isinstance(value, dict):  # a TOML table for a tuple of pairs, e.g. data.weights
             value = list(value.items())
+        elif isinstance(value, str) and typing.get_args(typ) == (str, Ellipsis):
+            value = [value]  # one string for a tuple of strings, e.g. data.paths = "mydata/"
         if isinstance(value, (list, tuple)):
             args = typing.get_args(typ)
             if len(args) == 2 and args[1] is Ellipsis:
@@ -173,10 +178,18 @@ def _apply_section(current, cls, values: dict, where: str):
 PATH_FIELDS = {(None, "tokenizer"), (None, "init"), ("data", "paths"), ("run", "eval_path")}
 
 
-def _absolute(value: str, base: Path) -> str:
+# A Hugging Face hub model id ORG/NAME[@REVISION] (the hub's repo-name characters; a revision is a branch,
+# tag or commit hash): `init` keeps one as it is when no such relative path exists (piccolo_jax.io.hub).
+HUB_MODEL_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
+
+
+def _absolute(value: str, base: Path, key: str = "") -> str:
     if not value or "://" in value or os.path.isabs(value):
         return value
-    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    path = os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+    if key == "init" and not os.path.exists(path) and HUB_MODEL_ID.match(value) and ".." not in value:
+        return value
+    return path
 
 
 def _resolve_paths(tree: dict, base: Path) -> dict:
@@ -190,7 +203,7 @@ def _resolve_paths(tree: dict, base: Path) -> dict:
             table = out[section] = dict(table)
         value = table[key]
         if isinstance(value, str):
-            table[key] = _absolute(value, base)
+            table[key] = _absolute(value, base, key)
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
             table[key] = [_absolute(v, base) for v in value]
     return out

@@ -18,11 +18,39 @@ import logging
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from piccolo_jax.data.records import BadRecord, Record, parse_line
+import os
+
+from piccolo_jax.data.records import BadRecord, Record, UnknownSchema, parse_line
 
 MAX_REPORTED = 5  # bad-record messages kept (and logged) per file
 TRAINER_HINT = "set data.skip_bad_records = true to skip and count such records"
 CLI_HINT = "pass --skip-bad-records to skip and count such records"
+
+
+def schema_hint(hint: str, dataset: str) -> str:
+    """What to set when a dataset's first record has unknown columns (records.UnknownSchema): its column
+    map, in the words of whoever reads it (the trainer's config key or the CLI flag of `hint`)."""
+    if hint == TRAINER_HINT:
+        return (f"map your columns to ours: --set 'data.columns={{{dataset} = {{text = \"QUERY_COLUMN\", "
+                f"text_pos = \"PASSAGE_COLUMN\"}}}}' (see the README's \"Bring your data\")")
+    return "map your columns to ours: --columns text=QUERY_COLUMN,text_pos=PASSAGE_COLUMN"
+
+
+def check_record(record_or_error, where: str, first: bool, dataset: str, bad: "BadRecords | None", hint: str):
+    """The account of one parsed record: `record_or_error` is a Record or the BadRecord it raised.
+
+    Returns the Record, or None when it is bad and counted in `bad`; raises BadRecord("where: reason (hint)")
+    otherwise. Unknown columns in the dataset's first record are raised even when counting: no record of
+    that dataset could pass, and the message names the column map instead of the skip switch."""
+    if not isinstance(record_or_error, BadRecord):
+        return record_or_error
+    message = f"{where}: {record_or_error}"
+    if first and isinstance(record_or_error, UnknownSchema):
+        raise UnknownSchema(f"{message}; {schema_hint(hint, dataset)}") from None
+    if bad is None:
+        raise BadRecord(f"{message} ({hint})") from None
+    bad.add(message)
+    return None
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -60,7 +88,7 @@ class BadRecords:
 
 def scan_lines(f: BinaryIO, path: str, start: int = 0, end: int | None = None, first_line: int = 1,
                record_format: str = "auto", max_record_bytes: int = 1 << 20,
-               bad: BadRecords | None = None, hint: str = TRAINER_HINT
+               bad: BadRecords | None = None, hint: str = TRAINER_HINT, columns=None
                ) -> Iterator[tuple[int, int, int, Record]]:
     """Yield (offset, length, line number, record) for every good line beginning in [start, end).
 
@@ -70,6 +98,8 @@ def scan_lines(f: BinaryIO, path: str, start: int = 0, end: int | None = None, f
     """
     f.seek(start)
     position, line_no = start, first_line - 1
+    first = start == 0  # until the file's first good record (check_record)
+    dataset = os.path.splitext(os.path.basename(path))[0]
     while end is None or position < end:
         raw = f.readline(max_record_bytes + 1)
         if not raw:
@@ -86,11 +116,10 @@ def scan_lines(f: BinaryIO, path: str, start: int = 0, end: int | None = None, f
                 raise BadRecord(f"line is {position - offset:,} bytes, over max_record_bytes="
                                 f"{max_record_bytes:,}")
             body = raw.rstrip(b"\r\n")
-            record = parse_line(body, record_format)
+            record = parse_line(body, record_format, columns)
         except BadRecord as e:
-            message = f"{path}:{line_no}: {e}"
-            if bad is None:
-                raise BadRecord(f"{message} ({hint})") from None
-            bad.add(message)
+            record = e
+        if check_record(record, f"{path}:{line_no}", first, dataset, bad, hint) is None:
             continue
+        first = False
         yield offset, len(body), line_no, record

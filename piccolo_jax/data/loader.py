@@ -250,7 +250,8 @@ def make_loader(cfg: DataConfig, tokenizer: Tokenizer, process_index: int = 0, p
     multiples of cfg.pad_multiple or the max lengths. After `loader.enable_packing(shards, chunks)` batches
     come packed (`packing.pack_host_batch`), or padded as above when they do not fit the packed shapes.
     """
-    sources = open_sources(cfg.paths, cfg.record_format, cfg.skip_bad_records, cfg.max_record_bytes)
+    sources = open_sources(cfg.paths, cfg.record_format, cfg.skip_bad_records, cfg.max_record_bytes,
+                           columns={n: dict(m) for n, m in cfg.columns})
     return Loader(cfg, tokenizer, sources, process_index, process_count, state)
 
 

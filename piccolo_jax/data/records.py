@@ -17,6 +17,12 @@ float32 precision from parsing on (as the loss and the TFDS store take it); only
 matters to CoSENT. A classification record needs at least one negative: its
 negatives are the other labels, never other rows of the batch.
 
+sentence-transformers' column conventions are read as the rows above ("auto" only): `anchor` /
+`query` + `positive` (+ `negative`, or `negative_1` ... `negative_n`) -> a uniem pair / triplet;
+`query` + `answer` -> a pair; `sentence1` + `sentence2` + `score` -> a scored pair (`score` is the
+label). A column map (`data.columns`, `columns=` here) renames a dataset's own columns to the keys
+above first: {"text": "question", "text_pos": "answer"} reads the column "question" as "text".
+
 "auto" decides per record by its keys: `query` -> bge; `sentence1` or `text_pair` -> scored_pair;
 `text` -> uniem, or what piccolo v2's `type` column says ("cls_contrast" -> classification, "cosent"
 -> scored_pair). In the uniem / scored_pair / classification formats a `type` must be one of
@@ -31,7 +37,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import struct
+from collections.abc import Mapping
 
 from piccolo_jax.config.data import RECORD_FORMATS
 
@@ -200,6 +208,65 @@ def _bge(obj: dict) -> Record:
 _PARSERS = {"uniem": _uniem, "bge": _bge, "scored_pair": _scored_pair, "classification": _classification}
 
 
+class UnknownSchema(BadRecord):
+    """A record whose keys match no known format: no record of such a file can pass, so the readers
+    name the columns seen and the column map to set, rather than offer to skip it."""
+
+
+ST_NEGATIVE = re.compile(r"negative_(\d+)$")  # sentence-transformers' negative_1 ... negative_n
+
+
+def _st_negatives(obj: dict) -> list:
+    """The values of `negative` or `negative_1..n` (in number order), as a list."""
+    numbered = sorted((int(m.group(1)), key) for key in obj if (m := ST_NEGATIVE.match(key)))
+    if "negative" in obj and numbered:
+        raise BadRecord(f"ambiguous record: has both 'negative' and {numbered[0][1]!r}")
+    if "negative" in obj:
+        value = obj["negative"]
+        return list(value) if isinstance(value, list) else [value]
+    expected = list(range(1, len(numbered) + 1))
+    if [n for n, _ in numbered] != expected:
+        raise BadRecord(f"negative columns {[k for _, k in numbered]}: expected negative_1 ... "
+                        f"negative_{len(numbered)} without gaps")
+    return [obj[key] for _, key in numbered]
+
+
+def _from_sentence_transformers(obj: dict) -> dict:
+    """sentence-transformers' columns renamed to ours (module doc); other records unchanged."""
+    if "text" in obj or "pos" in obj:
+        return obj
+    first = "anchor" if "anchor" in obj else "query" if "query" in obj else None
+    if first is not None:
+        if first == "anchor" and "query" in obj:
+            raise BadRecord("ambiguous record: has both 'anchor' and 'query'")
+        second = "positive" if "positive" in obj else "answer" if "answer" in obj and first == "query" else None
+        if second is None:
+            return obj
+        if "positive" in obj and "answer" in obj:
+            raise BadRecord("ambiguous record: has both 'positive' and 'answer'")
+        out = {"text": obj[first], "text_pos": obj[second]}
+        negatives = _st_negatives(obj)
+        if negatives:
+            out["text_neg"] = negatives
+        return out
+    if "sentence1" in obj and "score" in obj:
+        if "label" in obj:
+            raise BadRecord("ambiguous record: has both 'score' and 'label'")
+        return {**{k: v for k, v in obj.items() if k != "score"}, "label": obj["score"]}
+    return obj
+
+
+def apply_columns(obj: dict, columns: Mapping[str, str]) -> dict:
+    """`obj` with its columns renamed by a column map {our key: their column}; a column the map names
+    that the record lacks is a bad record."""
+    out = {key: value for key, value in obj.items() if key not in columns.values()}
+    for ours, theirs in columns.items():
+        if theirs not in obj:
+            raise BadRecord(f"missing column {theirs!r} (the column map reads it as {ours!r})")
+        out[ours] = obj[theirs]
+    return out
+
+
 def _detect(obj: dict) -> str:
     """The format of an "auto" record, from its keys."""
     if "query" in obj and "text" in obj:
@@ -212,22 +279,30 @@ def _detect(obj: dict) -> str:
         return "scored_pair"
     if "text" in obj:  # piccolo v2's classification rows share the uniem keys; its `type` tells them apart
         return {"cls_contrast": "classification", "cosent": "scored_pair"}.get(obj.get("type"), "uniem")
-    raise BadRecord("record has none of 'text' (uniem / piccolo), 'sentence1' (uniem scored pair), "
-                    f"'query' (BGE); keys: {sorted(obj)}")
+    raise UnknownSchema(f"no known columns among {sorted(obj)} (known: text / text_pos / text_neg, query / pos / "
+                        "neg, anchor or query / positive / negative, query / answer, sentence1 / sentence2 / "
+                        "label or score)")
 
 
-def record_from_json(obj, record_format: str = "auto") -> Record:
-    """A parsed JSON value -> Record, in one of RECORD_FORMATS ("auto": decided by the keys)."""
+def record_from_json(obj, record_format: str = "auto", columns: Mapping[str, str] | None = None) -> Record:
+    """A parsed JSON value -> Record, in one of RECORD_FORMATS ("auto": decided by the keys), after
+    renaming its columns by `columns` (module doc)."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {type(obj).__name__}")
+    if columns:
+        obj = apply_columns(obj, columns)
     if record_format == "auto":
+        obj = _from_sentence_transformers(obj)
+        if "query" in obj and "pos" not in obj and "text" not in obj:
+            raise UnknownSchema(f"a 'query' column without 'pos' (FlagEmbedding), 'positive' or 'answer' "
+                                f"(sentence-transformers); columns: {sorted(obj)}")
         record_format = _detect(obj)
     if record_format not in _PARSERS:
         raise ValueError(f"unknown record format {record_format!r}; expected one of {RECORD_FORMATS}")
     return _PARSERS[record_format](obj)
 
 
-def parse_line(raw: bytes, record_format: str = "auto") -> Record:
+def parse_line(raw: bytes, record_format: str = "auto", columns: Mapping[str, str] | None = None) -> Record:
     """One JSONL line (bytes, without its newline) -> Record, or BadRecord saying what is wrong."""
     try:
         line = raw.decode("utf-8")
@@ -239,7 +314,7 @@ def parse_line(raw: bytes, record_format: str = "auto") -> Record:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadRecord(f"malformed JSON: {e.msg} at column {e.colno}") from None
-    record = record_from_json(obj, record_format)
+    record = record_from_json(obj, record_format, columns)
     if "\\u" in line or "\\U" in line:  # escapes can smuggle in lone surrogates, which are not text
         for text in (record.query, *record.positives, *record.negatives, record.prompt or ""):
             try:

@@ -26,17 +26,17 @@ import logging
 import os
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from piccolo_jax.config.data import TASKS
 from piccolo_jax.data import record_arrays
-from piccolo_jax.data.discovery import find_dataset_paths, jsonl_stem
+from piccolo_jax.data.discovery import find_dataset_paths, find_datasets, jsonl_stem
 from piccolo_jax.data.jsonl_scan import TRAINER_HINT, BadRecords, scan_lines
-from piccolo_jax.data.records import BadRecord, Record, parse_line
+from piccolo_jax.data.records import BadRecord, Record, parse_line, record_from_json
 
-__all__ = ["JsonlSource", "Source", "TfdsSource", "find_dataset_paths", "open_sources"]
+__all__ = ["ArrowSource", "JsonlSource", "Source", "TfdsSource", "find_dataset_paths", "open_sources"]
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,11 @@ class JsonlSource(Source):
     """
 
     def __init__(self, path: str, record_format: str = "auto", skip_bad_records: bool = False,
-                 max_record_bytes: int = 1 << 20, skip_hint: str = TRAINER_HINT):
+                 max_record_bytes: int = 1 << 20, skip_hint: str = TRAINER_HINT, columns=None, name=None):
         super().__init__()
         self.path = path
-        self.name = jsonl_stem(path)
-        self.record_format = record_format
+        self.name = name or jsonl_stem(path)
+        self.record_format, self.columns = record_format, columns
         # growing buffers of 8 + 4 + 4 bytes a record ("I" is 4 bytes; a line past 2**32 widens to "q")
         offsets, lengths, lines = array("q"), array("I" if max_record_bytes < 1 << 32 else "q"), array("I")
         stats, bad = record_arrays.RecordStats(), BadRecords(path)
@@ -148,7 +148,7 @@ class JsonlSource(Source):
         with open(path, "rb") as f:
             for offset, length, line_no, record in scan_lines(
                     f, path, record_format=record_format, max_record_bytes=max_record_bytes,
-                    bad=bad if skip_bad_records else None, hint=skip_hint):
+                    bad=bad if skip_bad_records else None, hint=skip_hint, columns=columns):
                 if first is None:
                     first = (record.task, line_no)
                 elif record.task != first[0]:  # refused even when skipping bad records: a file error
@@ -176,7 +176,64 @@ class JsonlSource(Source):
     def records(self, ids: Sequence[int]) -> list[Record]:
         """The records at positions `ids` among the file's good lines (thread-safe)."""
         return [parse_line(os.pread(self._fd, int(self._lengths[i]), int(self._offsets[i])),
-                           self.record_format) for i in ids]
+                           self.record_format, self.columns) for i in ids]
+
+
+class ArrowSource(Source):
+    """A Parquet / Arrow dataset (arrow_tables): one memory-mapped table, its rows read with `take`.
+
+    Opening reads every row once (parsed and validated as a JSONL line is; a null value is an absent key)
+    to build the per-record arrays, one batch of rows at a time; a good record's row is kept only when
+    some were skipped (8 bytes a record). `where(i)` is "path row n", n 1-based.
+    """
+
+    def __init__(self, name: str, path: str, files: Sequence[str], record_format: str = "auto",
+                 skip_bad_records: bool = False, skip_hint: str = TRAINER_HINT, columns=None):
+        super().__init__()
+        from piccolo_jax.data import arrow_tables
+        from piccolo_jax.data.jsonl_scan import check_record
+
+        self.name, self.path, self.record_format, self.columns = name, path, record_format, columns
+        self._table, self._reader = arrow_tables.open_table(files, with_reader=True)
+        stats, bad, kept = record_arrays.RecordStats(), BadRecords(path), array("q")
+        first: tuple[str, int] | None = None
+        for row, obj in enumerate(arrow_tables.iter_rows(self._table)):
+            try:
+                record = record_from_json(obj, record_format, columns)
+            except BadRecord as e:
+                record = e
+            record = check_record(record, self._where_row(row), first is None, name,
+                                  bad if skip_bad_records else None, skip_hint)
+            if record is None:
+                continue
+            if first is None:
+                first = (record.task, row)
+            elif record.task != first[0]:
+                raise BadRecord(f"{self._where_row(row)}: a {record.task} record in a dataset of {first[0]} records "
+                                f"(from {self._where_row(first[1])}): one dataset holds one task type (one loss)")
+            kept.append(row)
+            stats.add(record)
+        self._kept = None if bad.count == 0 else np.frombuffer(kept, np.int64)  # good record -> table row
+        self.query_bounds, self.passage_bounds, self.num_negatives, self.task_ids = stats.arrays()
+        self._take_bad(bad)
+        self.task = self.records_task()
+
+    def _row(self, i: int) -> int:
+        return int(self._kept[i]) if self._kept is not None else int(i)
+
+    def _where_row(self, row: int) -> str:
+        """"file row n" of table row `row` (0-based): the file holding it (its shard; for a hub dataset the
+        file in the local snapshot), n from 1 within it (as prepared datasets name their records)."""
+        file, n = self._reader.where(row)
+        return f"{file} row {n}"
+
+    def where(self, i: int) -> str:
+        return self._where_row(self._row(i))
+
+    def records(self, ids: Sequence[int]) -> list[Record]:
+        """The records at positions `ids` among the dataset's good rows."""
+        rows = [self._row(i) for i in ids]
+        return [record_from_json(obj, self.record_format, self.columns) for obj in self._reader.rows(rows)]
 
 
 class TfdsSource(Source):
@@ -198,7 +255,7 @@ class TfdsSource(Source):
         self._decode = tfds_store.decode_example
         self._line = tfds_store.example_line
         self._example = tfds_store._example_class()
-        self._origin = opened.source or path
+        self._origin = opened.origin or tfds_store.Origin(opened.source or path)
         if opened.bad is not None:
             self._take_bad(opened.bad)
         self.check_one_task()
@@ -207,7 +264,7 @@ class TfdsSource(Source):
     def where(self, i: int) -> str:
         """"source.jsonl:line" of record i (the JSONL file it was prepared from), read from the record."""
         (raw,) = self._data.read([i])
-        return f"{self._origin}:{self._line(raw, self._example)}"
+        return self._origin.where(self._line(raw, self._example))
 
     def records(self, ids: Sequence[int]) -> list[Record]:
         """The records at positions `ids` (thread-safe: one lock per shard reader)."""
@@ -215,18 +272,33 @@ class TfdsSource(Source):
 
 
 def open_sources(paths: Sequence[str], record_format: str = "auto", skip_bad_records: bool = False,
-                 max_record_bytes: int = 1 << 20, skip_hint: str = TRAINER_HINT) -> list[Source]:
-    """Open every dataset under `paths` (see discovery); dataset names must be unique."""
+                 max_record_bytes: int = 1 << 20, skip_hint: str = TRAINER_HINT,
+                 columns: Mapping[str, Mapping[str, str]] | None = None) -> list[Source]:
+    """Open every dataset under `paths` (see discovery); dataset names must be unique. `columns` maps a
+    dataset name to its column map (records.apply_columns); a map for no dataset opened is refused."""
+    columns = dict(columns or {})
     sources: list[Source] = []
-    for path in find_dataset_paths(paths):
-        if os.path.isdir(path):
-            sources.append(TfdsSource(path))
+    for ref in find_datasets(paths):
+        mapping = columns.get(ref.name)
+        if ref.kind == "tfds":
+            if mapping:
+                raise ValueError(f"data.columns[{ref.name!r}]: {ref.path} is a prepared dataset (its records "
+                                 "were mapped when it was prepared)")
+            sources.append(TfdsSource(ref.path))
+        elif ref.kind == "jsonl":
+            sources.append(JsonlSource(ref.files[0], record_format, skip_bad_records, max_record_bytes, skip_hint,
+                                       mapping, ref.name))
         else:
-            sources.append(JsonlSource(path, record_format, skip_bad_records, max_record_bytes, skip_hint))
+            sources.append(ArrowSource(ref.name, ref.path, ref.files, record_format, skip_bad_records, skip_hint,
+                                       mapping))
     by_name: dict[str, str] = {}
     for source in sources:
         if source.name in by_name:
             raise ValueError(f"dataset name {source.name!r} is used by both {by_name[source.name]} and "
                              f"{source.path}; rename one")
         by_name[source.name] = source.path
+    unused = sorted(set(columns) - set(by_name))
+    if unused:
+        raise ValueError(f"data.columns names {unused[0]!r}, which is not a dataset here (datasets: "
+                         f"{sorted(by_name)})")
     return sources

@@ -10,8 +10,9 @@ One dataset, `OUT/<name>/1.0.0/` (written by piccolo_jax.data.prepare):
     piccolo_<array>.npy                        ours: the per-record arrays (record_arrays), memory-mapped
 
 Example features: query, prompt ("" = none) as Text; positives, negatives as Sequence(Text); line
-(int64, 1-based line in the JSONL file); BGE teacher scores (scored, positive_scores, negative_scores);
-task (Text: "retrieval", "sts", "classification") and label (float32, a scored pair's label; 0 otherwise). `encode_example` builds the proto directly (~5 us a record,
+(int64: the 1-based line in the JSONL file, or the 1-based row of a Parquet / Arrow table over its files
+in order; `Origin` says which, from piccolo_source.json); BGE teacher scores (scored, positive_scores,
+negative_scores); task (Text: "retrieval", "sts", "classification") and label (float32, a scored pair's label; 0 otherwise). `encode_example` builds the proto directly (~5 us a record,
 TFDS's serializer ~40 us), keys sorted so that one input gives the same bytes in every run; a test
 checks it is the proto TFDS's serializer makes and that TFDS's reader decodes it.
 
@@ -74,7 +75,7 @@ def features():
         "positives": tfds.features.Sequence(tfds.features.Text()),
         "negatives": tfds.features.Sequence(tfds.features.Text()),
         "prompt": tfds.features.Text(),  # "" = none
-        "line": np.int64,  # 1-based line in the source JSONL file
+        "line": np.int64,  # 1-based line in the source JSONL file, or row of the source table (Origin)
         # BGE teacher scores, one per positive / negative; "scored" 0 = the record has none
         "scored": np.int64,
         "positive_scores": tfds.features.Sequence(np.float32),
@@ -124,7 +125,7 @@ def decode_example(raw: bytes, example_class=None) -> Record:
 
 
 def example_line(raw: bytes, example_class=None) -> int:
-    """The JSONL line number a serialized example was read from."""
+    """The JSONL line number (or table row, see Origin) a serialized example was read from."""
     return int((example_class or _example_class()).FromString(raw).features.feature["line"].int64_list.value[0])
 
 
@@ -200,6 +201,33 @@ class TfdsRecords:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where the records of a prepared dataset came from: `where(n)` turns a record's `line` feature into
+    "file:n" (a JSONL file) or "file row r" (a Parquet / Arrow table: n counts the rows of its files in
+    order, from 1; r is the row within the file holding it, from 1, so pyarrow's index r - 1)."""
+
+    source: str  # the input as prepare was given it (a JSONL file, a Parquet file, `dir/NAME-*.parquet`, a hub id)
+    files: tuple[tuple[str, int], ...] = ()  # a table's (file, rows), in order; empty for a JSONL file
+
+    @classmethod
+    def of(cls, meta: dict, default: str) -> "Origin":
+        """The origin piccolo_source.json `meta` records (`default`: the source when it names none)."""
+        inputs = (meta.get("fingerprint") or {}).get("inputs")
+        files = tuple((f["path"], int(f["rows"])) for f in inputs) if inputs else ()
+        return cls(meta.get("source") or default, files)
+
+    def where(self, n: int) -> str:
+        if not self.files:
+            return f"{self.source}:{n}"
+        row = n
+        for file, rows in self.files:
+            if 0 < row <= rows:
+                return f"{file} row {row}"
+            row -= rows
+        return f"{self.source} row {n}"
+
+
 @dataclasses.dataclass
 class OpenedDataset:
     name: str
@@ -207,7 +235,8 @@ class OpenedDataset:
     arrays: tuple[np.ndarray, ...]  # record_arrays.ARRAY_NAMES: query_bounds, ..., task_ids
     bad: BadRecords | None  # what was skipped converting it (None: not written by us)
     negatives_histogram: dict[int, int] | None
-    source: str | None = None  # the JSONL file it was prepared from (None: not written by us)
+    source: str | None = None  # the input it was prepared from (None: not written by us)
+    origin: Origin | None = None  # where its records came from: origin.where(example_line(raw))
 
 
 def read_source_file(version_dir: str) -> dict | None:
@@ -256,4 +285,4 @@ def open_dataset(path: str, split: str = SPLIT) -> OpenedDataset:
             for raw in records.read(range(start, min(start + 4096, n))):
                 stats.add(decode_example(raw, example))
         arrays = stats.arrays()
-    return OpenedDataset(builder.name, records, arrays, bad, histogram, meta.get("source"))
+    return OpenedDataset(builder.name, records, arrays, bad, histogram, meta.get("source"), Origin.of(meta, path))

@@ -3,10 +3,10 @@
 `MTEBModel(encoder)` satisfies `mteb.EncoderProtocol`: it has `mteb_model_meta` (an `mteb.models.ModelMeta`
 naming the model, its width, token limit, JAX and cosine similarity), `encode(DataLoader of batches,
 *, task_metadata, hf_split, hf_subset, prompt_type)`, `similarity` and `similarity_pairwise`. mteb's
-prompt types map onto piccolo's instructions:
+prompt types map onto the encoder's instructions (the model's prompts, else piccolo's):
 
-    PromptType.query     -> kind "query"    ("查询: " + text)
-    PromptType.document  -> kind "passage"  ("结果: " + text; mteb joins a title as "title text")
+    PromptType.query     -> kind "query"    (the query prefix + text, piccolo's "查询: ")
+    PromptType.document  -> kind "passage"  (the passage prefix + text, "结果: "; mteb joins a title as "title text")
     None                 -> no prefix       (STS, classification, clustering, ...)
 
 (`instructions=False` sends every text without a prefix.) The batches mteb passes ({"text": [...],

@@ -13,8 +13,9 @@ Metrics (values in [0, 1]; tables print them x 100 as C-MTEB does):
     reranking  MAP (average precision of the candidate ranking) and mrr@10, per query, averaged;
                samples without a positive or a negative are left out and counted (as MTEB)
 
-Instructions: with `instructions=True` (piccolo) queries are encoded with kind "query" ("查询: ") and
-corpus / candidate passages with kind "passage" ("结果: "); STS texts never get a prefix.
+Instructions: with `instructions=True` queries are encoded with kind "query" and corpus / candidate passages
+with kind "passage" (the encoder's prefixes: the model's sentence-transformers prompts, else piccolo's
+"查询: " / "结果: "); STS texts never get a prefix.
 
 Matryoshka (`evaluate_task_at_dims`): every text of a task is encoded once at full width, and the metrics
 are computed again on the first d coordinates, renormalised, for each d (`inference.truncate_embeddings`,

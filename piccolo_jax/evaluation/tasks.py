@@ -10,6 +10,9 @@ Local file layouts (UTF-8; JSONL = one JSON object per line, blank lines ignored
                         "query-id"/"corpus-id"/"score", or "qid"/"pid"/"score" as C-MTEB's qrels sets)
     STS task       = a .jsonl file of {"sentence1": "...", "sentence2": "...", "score": 4.2}
     reranking task = a .jsonl file of {"query": "...", "positive": ["..."], "negative": ["...", ...]}
+
+`bundled` (a TASK argument of `piccolo-jax evaluate`, or a path given to `find_tasks`) names the sample
+tasks that ship inside the package, from any directory; a local `bundled` in the current directory wins.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from piccolo_jax.io import resources
 from piccolo_jax.io.text_files import read_jsonl
 
 
@@ -209,12 +213,24 @@ def detect_task(path: str | os.PathLike) -> str:
     raise ValueError(f"{path}: empty file")
 
 
+def task_path(arg: str | os.PathLike) -> Path:
+    """One TASK argument as a path. The bare name `bundled` is the sample tasks that ship with the package
+    (from any directory) unless a file or directory named `bundled` exists in the current directory: a
+    local path always wins, as for `--config` (`./bundled` names only the local one)."""
+    if os.fspath(arg) == resources.BUNDLED_EVAL and not os.path.exists(arg):
+        return resources.bundled_eval_dir()
+    return Path(arg)
+
+
 def find_tasks(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Task paths: each argument is a task, or a directory whose children (one level) are tasks."""
+    """Task paths: each argument is a task, or a directory whose children (one level) are tasks; `bundled`
+    is the package's sample tasks (see `task_path`)."""
     out = []
-    for p in map(Path, paths):
+    for p in map(task_path, paths):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: no such file or directory")
+            hint = (f" (the sample tasks that ship with piccolo-jax are named {resources.BUNDLED_EVAL!r})"
+                    if p.parts[-2:] == ("assets", "eval") else "")
+            raise FileNotFoundError(f"{p}: no such file or directory{hint}")
         if p.is_dir() and not (p / "corpus.jsonl").is_file():
             children = sorted(c for c in p.iterdir() if (c.is_dir() and (c / "corpus.jsonl").is_file())
                               or (c.is_file() and c.suffix == ".jsonl"))

@@ -4,7 +4,8 @@
     cfg, params, report = load_hf_model("path/to/hf_dir")        # numpy float32, ignored tensors counted
     write_hf_dir("out_hf", cfg, params, side_files_from="path/to/tokenizer")
 
-`name_table` is the declarative HF <-> ours name map; `io` reads and writes the directories.
+`name_table` is the declarative HF <-> ours name map; `io` reads and writes the directories; `prompts`
+reads and writes sentence-transformers' query / document prompts.
 """
 
 from piccolo_jax.hf.io import (  # noqa: F401

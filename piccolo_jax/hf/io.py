@@ -8,7 +8,9 @@ expected shape, and every tensor read must be used: anything else stops with an 
 sentence-transformers modules (modules.json): Transformer, then Pooling (mean or cls), then optionally
 one Dense (bias, identity activation: piccolo-large-zh-v2's `2_Dense`, 1,024 -> 1,792) and Normalize.
 Written: `1_Pooling/`, with a Dense head `2_Dense/` (config.json + model.safetensors) and `3_Normalize/`,
-else `2_Normalize/`. Any other module, order or activation is refused naming the file.
+else `2_Normalize/`. Any other module, order or activation is refused naming the file. The
+sentence-transformers files of the source (sentence_bert_config.json, config_sentence_transformers.json:
+max_seq_length, prompts) are copied; `write_hf_dir(..., prompts=(q, p))` sets the prompts (`prompts`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import numpy as np
 
 from piccolo_jax.config.model import ModelConfig
 from piccolo_jax.hf import name_table
+from piccolo_jax.hf.prompts import ST_CONFIG, write_prompts
 from piccolo_jax.model.directory import (
     TOKENIZER_FILES,
     atomic_directory,
     copy_side_files,
 )
 
-ST_FILES = ("sentence_bert_config.json", "config_sentence_transformers.json")
+ST_FILES = ("sentence_bert_config.json", ST_CONFIG)
 
 
 class ConversionError(ValueError):
@@ -350,8 +353,13 @@ def dense_to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def write_hf_dir(dest: str | os.PathLike, cfg: ModelConfig, params: dict, *, side_files_from=None,
-                 max_seq_length: int | None = None, overwrite: bool = False) -> Path:
-    """Write an HF `BertModel` directory that `SentenceTransformer(dest)` loads with our pooling."""
+                 max_seq_length: int | None = None, overwrite: bool = False,
+                 prompts: tuple[str, str] | None = None) -> Path:
+    """Write an HF `BertModel` directory that `SentenceTransformer(dest)` loads with our pooling.
+
+    prompts: (query prefix, passage prefix) written as sentence-transformers' "query" / "document" prompts
+    (`hf.prompts.write_prompts`); None keeps the prompts of `side_files_from`'s config, if any.
+    """
     from safetensors.numpy import save_file
 
     state = params_to_hf(params, cfg)
@@ -368,6 +376,8 @@ def write_hf_dir(dest: str | os.PathLike, cfg: ModelConfig, params: dict, *, sid
             (tmp / "sentence_bert_config.json").write_text(
                 json.dumps({"max_seq_length": msl, "do_lower_case": False}, indent=2) + "\n")
         _write_st_modules(tmp, cfg, params)
+        if prompts is not None:
+            write_prompts(tmp, *prompts)
 
     return atomic_directory(dest, write, overwrite=overwrite)
 

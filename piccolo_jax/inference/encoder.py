@@ -2,7 +2,8 @@
 
 How a call to `Encoder.encode` spends its compute:
 
-1. Texts are tokenised (with piccolo's instruction prefix for queries / passages) in chunks of 65,536,
+1. Texts are tokenised (with the query / passage prefix for kind "query" / "passage": the model's
+   sentence-transformers prompts, else piccolo's "查询: " / "结果: ") in chunks of 65,536,
    truncated to `max_length` tokens including [CLS] and [SEP].
 2. Each chunk's texts are sorted by token count, longest first, and packed (`batching.plan_packed_batches`):
    a batch's rows are L = bucket(its longest text) tokens long and it has about `tokens_per_batch` tokens
@@ -47,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from piccolo_jax.config.data import PASSAGE_PREFIX, QUERY_PREFIX
 from piccolo_jax.config.model import ModelConfig
 from piccolo_jax.inference import batching
 from piccolo_jax.model.bert import abstract_model, encode_packed
@@ -54,9 +56,7 @@ from piccolo_jax.model.bert import encode as model_encode
 from piccolo_jax.parallel import gather, sharding
 from piccolo_jax.text.tokenizer import Tokenizer
 
-QUERY_PREFIX = "查询: "  # piccolo's query instruction
-PASSAGE_PREFIX = "结果: "  # piccolo's passage instruction
-PREFIXES = {"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX, None: ""}
+KINDS = ("query", "passage", None)  # Encoder.encode's kinds: which prefix a text gets (None: none)
 # Default token budget per batch shard (padded tokens). On CPU small batches stay in cache and were
 # fastest in benchmarks/bench_inference.py (1,024 beat 4,096 by ~1.3x on MiniLM); accelerators want
 # large batches to fill their matmul units.
@@ -99,9 +99,11 @@ class Encoder:
 
     def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, *, mesh=None,
                  strategy: str = "dp", max_length: int | None = None,
-                 tokens_per_batch: int | None = None, packing: bool = True):
+                 tokens_per_batch: int | None = None, packing: bool = True,
+                 query_prefix: str = QUERY_PREFIX, passage_prefix: str = PASSAGE_PREFIX):
         """Place `params` (numpy or jax arrays) on `mesh` (default: every device) with `strategy`;
-        `packing` False pads one text per row instead of packing several (the same embeddings)."""
+        `packing` False pads one text per row instead of packing several (the same embeddings);
+        `query_prefix` / `passage_prefix`: what kind "query" / "passage" prepend (default piccolo's)."""
         if strategy not in ("dp", "fsdp"):
             raise ValueError(f"strategy={strategy!r}; expected 'dp' (replicated) or 'fsdp' (sharded)")
         mesh = default_mesh(strategy) if mesh is None else mesh
@@ -116,26 +118,38 @@ class Encoder:
             jax.device_put(params, self.param_shardings)
         self.num_shards = sharding.data_parallel_size(mesh)
         self.packing = packing
+        for name, value in (("query_prefix", query_prefix), ("passage_prefix", passage_prefix)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name}={value!r}: expected a string")
+        self.query_prefix, self.passage_prefix = query_prefix, passage_prefix
         self._fns: dict[bool, Callable] = {}
         self._packed_fns: dict[tuple[bool, int], Callable] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str = "float32", strategy: str = "dp", mesh=None,
-             max_length: int | None = None, tokens_per_batch: int | None = None) -> Encoder:
-        """Load a Hugging Face BERT directory, a piccolo-jax model directory, or a training run directory
-        (its export/model, as `--init` takes it).
+             max_length: int | None = None, tokens_per_batch: int | None = None,
+             query_prefix: str | None = None, passage_prefix: str | None = None) -> Encoder:
+        """Load a Hugging Face BERT directory, a piccolo-jax model directory, a training run directory
+        (its export/model, as `--init` takes it), or a Hugging Face hub id `ORG/NAME[@REVISION]` (from the
+        local cache, downloaded first when online: `piccolo_jax.io.hub`).
 
         dtype: "float32" or "bfloat16" compute (parameters stay float32; embeddings are float32).
         strategy: "dp" replicates parameters on every device; "fsdp" shards them (large models).
         max_length: token limit incl. [CLS]/[SEP]; default `max_seq_length` of sentence_bert_config.json,
             else the model's position count (512).
+        query_prefix / passage_prefix: what kind "query" / "passage" prepend; default the model's
+            sentence-transformers prompts (config_sentence_transformers.json: "query", "document"), else
+            piccolo's "查询: " / "结果: " (`hf.prompts.read_prompts`).
         """
+        from piccolo_jax.hf.prompts import ST_CONFIG, read_prompts
         from piccolo_jax.io.run_dir import resolve_model_dir
         from piccolo_jax.io.storage import local_copy
         from piccolo_jax.model import directory
 
         path = resolve_model_dir(path)  # a run directory stands for its export/model; URLs allowed
-        small_files = local_copy(path, directory.TOKENIZER_FILES + ("config.json", "sentence_bert_config.json"))
+        small_files = local_copy(path, directory.TOKENIZER_FILES + ("config.json", "sentence_bert_config.json",
+                                                                    ST_CONFIG))
+        prompts = read_prompts(small_files) or {"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX}
         if directory.is_model_dir(path):
             cfg = ModelConfig.from_json_file(small_files / "config.json", compute_dtype=dtype)
             mesh = default_mesh(strategy) if mesh is None else mesh
@@ -153,7 +167,15 @@ class Encoder:
                                     "a Hugging Face directory (config.json + weights) nor a run directory "
                                     "(export/model)")
         return cls(cfg, params, Tokenizer.from_dir(small_files), mesh=mesh, strategy=strategy,
-                   max_length=max_length or _st_max_seq_length(small_files), tokens_per_batch=tokens_per_batch)
+                   max_length=max_length or _st_max_seq_length(small_files), tokens_per_batch=tokens_per_batch,
+                   query_prefix=prompts["query"] if query_prefix is None else query_prefix,
+                   passage_prefix=prompts["passage"] if passage_prefix is None else passage_prefix)
+
+    def prefix(self, kind: str | None) -> str:
+        """What `encode(..., kind=kind)` prepends to each text."""
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}; expected 'query', 'passage' or None")
+        return {"query": self.query_prefix, "passage": self.passage_prefix, None: ""}[kind]
 
     @property
     def default_tokens_per_batch(self) -> int:
@@ -209,7 +231,8 @@ class Encoder:
                tokens_per_batch: int | None = None, dim: int | None = None) -> np.ndarray:
         """Embed `texts`: float32 numpy [N, D] in input order ([D] for a single string).
 
-        kind: "query" prefixes piccolo's "查询: ", "passage" prefixes "结果: ", None adds nothing.
+        kind: "query" prefixes `query_prefix`, "passage" `passage_prefix` (the model's sentence-transformers
+            prompts, else piccolo's "查询: " / "结果: "; see `load`), None adds nothing.
         batch_size: at most this many texts per batch, as in sentence-transformers (None: no limit).
         tokens_per_batch: computed tokens (rows x row length) of one global batch. Default: 1,024 per
             batch shard on CPU, 16,384 on GPU / TPU (or the Encoder's `tokens_per_batch`).
@@ -220,7 +243,7 @@ class Encoder:
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
-        prefix = _prefix(kind)
+        prefix = self.prefix(kind)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
@@ -360,12 +383,6 @@ def _place(params: Any, shardings: Any) -> Any:
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
     return jax.tree.map(put, params, shardings)
-
-
-def _prefix(kind: str | None) -> str:
-    if kind not in PREFIXES:
-        raise ValueError(f"kind={kind!r}; expected 'query', 'passage' or None")
-    return PREFIXES[kind]
 
 
 def _check_max_length(max_length: int, cfg: ModelConfig) -> int:

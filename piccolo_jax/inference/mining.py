@@ -183,8 +183,9 @@ def mine_negatives(encoder: Any, records: Sequence[Any], corpus_texts: Sequence[
     """Hard negatives for each record (`piccolo_jax.data.records.Record`: query, positives, prompt).
 
     The corpus defaults to every distinct positive and negative of `records`. Queries are encoded with
-    the record's prompt or piccolo's "查询: " prefix, passages with "结果: " (no prefixes when
-    `instructions` is False). Excluded from a record's negatives: the query text itself and every
+    the record's prompt, else the encoder's query prefix (`Encoder.query_prefix`: the model's prompt or
+    piccolo's "查询: "; piccolo's for an encoder without one), passages with kind "passage" (the
+    encoder's passage prefix); no prefixes when `instructions` is False. Excluded from a record's negatives: the query text itself and every
     positive of every record with the same query text. With `show_progress` the two passes show bars
     labelled "encode queries" and "encode corpus". Returns [(record, negative texts)] in input order, and
     statistics.
@@ -197,7 +198,8 @@ def mine_negatives(encoder: Any, records: Sequence[Any], corpus_texts: Sequence[
     if window[1] > len(corpus):
         raise ValueError(f"window end {window[1]} exceeds the corpus size {len(corpus)}")
     position = {t: i for i, t in enumerate(corpus)}
-    q_texts = [((r.prompt or QUERY_PREFIX) if instructions else "") + r.query for r in records]
+    query_prefix = getattr(encoder, "query_prefix", QUERY_PREFIX)
+    q_texts = [((r.prompt or query_prefix) if instructions else "") + r.query for r in records]
     common = {"batch_size": batch_size, "tokens_per_batch": tokens_per_batch}
     q_qd = encoder.encode(q_texts, kind=None, max_length=query_max_length,
                           show_progress=show_progress and "encode queries", **common)

@@ -1,4 +1,5 @@
-"""Files that ship with the package: the configs, the bert-base-chinese tokenizer and the sample data.
+"""Files that ship with the package: the configs, the bert-base-chinese tokenizer, the sample data and
+the sample evaluation tasks.
 
 In a source checkout (or an editable install) they are the repository's `configs/` and `assets/`; an
 installed wheel carries the same trees as `piccolo_jax/configs/` and `piccolo_jax/assets/`. Either way
@@ -30,6 +31,14 @@ def assets_dir() -> Path:
 def bundled_tokenizer() -> Path:
     """bert-base-chinese WordPiece vocabulary (21,128 tokens), piccolo's tokenizer."""
     return assets_dir() / "tokenizer"
+
+
+BUNDLED_EVAL = "bundled"  # the name of the sample evaluation tasks: `piccolo-jax evaluate --model M bundled`
+
+
+def bundled_eval_dir() -> Path:
+    """The sample evaluation tasks (a retrieval directory, an STS and a reranking .jsonl)."""
+    return assets_dir() / "eval"
 
 
 def bundled_configs() -> list[str]:

@@ -37,6 +37,7 @@ import threading
 import time
 from pathlib import Path
 
+from piccolo_jax.io.hub import resolve_model_path
 from piccolo_jax.io.storage import as_path, is_url, remove_tree
 
 log = logging.getLogger("piccolo_jax")
@@ -83,11 +84,14 @@ def is_run_dir(path) -> bool:
 
 
 def resolve_model_dir(path) -> Path:
-    """The model directory a path stands for: a run directory stands for its complete export's model/.
+    """The model directory a path stands for: a run directory stands for its complete export's model/, a
+    Hugging Face hub id (`ORG/NAME[@REVISION]`, not a local path) for its snapshot in the local cache
+    (`piccolo_jax.io.hub`: downloaded first when online).
 
-    Raises FileNotFoundError with one line for a missing path and for a run without a complete export.
+    Raises FileNotFoundError with one line for a missing path, a hub id that cannot be had, and a run
+    without a complete export.
     """
-    path = as_path(path)
+    path = as_path(resolve_model_path(path))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory")
     if is_run_dir(path):

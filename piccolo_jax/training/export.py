@@ -1,7 +1,9 @@
 """The end of a run: WORKDIR/export, written once and atomically, by one process or many.
 
-    export/model/       our model directory (config.json, params/ Orbax arrays, tokenizer files)
-    export/hf/          HF BertModel + sentence-transformers directory (run.export_hf)
+    export/model/       our model directory (config.json, params/ Orbax arrays, tokenizer files,
+                        config_sentence_transformers.json: the run's instructions as prompts)
+    export/hf/          HF BertModel + sentence-transformers directory (run.export_hf), with the same
+                        prompts: SentenceTransformer(hf).encode_query(q) = Encoder.encode(q, kind="query")
     export/export.json  {"step": s, "stage": ..., "model": ...}: written last; its presence marks a
                         complete export
 
@@ -28,6 +30,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from piccolo_jax.config import TrainConfig
+from piccolo_jax.config.data import PASSAGE_PREFIX, QUERY_PREFIX
+from piccolo_jax.hf.prompts import write_prompts
 from piccolo_jax.io.run_dir import EXPORT_DIR, EXPORT_INFO, RunError
 from piccolo_jax.io.storage import copy_tree, is_url, local_copy, remove_tree
 from piccolo_jax.model.directory import (
@@ -78,6 +82,7 @@ def write_export(workdir: Path, cfg: TrainConfig, params: Any, step: int) -> Pat
         (model_dir / "config.json").write_text(json.dumps(cfg.model.to_hf_dict(), indent=2) + "\n",
                                                encoding="utf-8")
         copy_side_files(tokenizer, model_dir)
+        write_prompts(model_dir, *run_prompts(cfg))
         if host is not None:
             _write_hf(tmp / "hf", cfg, host, tokenizer)
         info = {"step": step, "stage": cfg.stage, "model": "model", "hf": "hf" if host is not None else None}
@@ -96,13 +101,21 @@ def write_export(workdir: Path, cfg: TrainConfig, params: Any, step: int) -> Pat
     return dest
 
 
+def run_prompts(cfg: TrainConfig) -> tuple[str, str]:
+    """(query prefix, passage prefix) of the run: what preflight resolved (piccolo's where still unset)."""
+    data = cfg.data
+    return (QUERY_PREFIX if data.query_prefix is None else data.query_prefix,
+            PASSAGE_PREFIX if data.passage_prefix is None else data.passage_prefix)
+
+
 def _write_hf(dest, cfg: TrainConfig, host_params: Any, tokenizer: Path) -> None:
     from piccolo_jax.hf import write_hf_dir
 
     max_len = max(cfg.data.query_max_length, cfg.data.passage_max_length)
+    options = {"side_files_from": tokenizer, "max_seq_length": max_len, "prompts": run_prompts(cfg)}
     if not is_url(dest):
-        write_hf_dir(dest, cfg.model, host_params, side_files_from=tokenizer, max_seq_length=max_len)
+        write_hf_dir(dest, cfg.model, host_params, **options)
         return
     with tempfile.TemporaryDirectory(prefix="piccolo-hf-") as local:  # safetensors writes local files
-        write_hf_dir(Path(local) / "hf", cfg.model, host_params, side_files_from=tokenizer, max_seq_length=max_len)
+        write_hf_dir(Path(local) / "hf", cfg.model, host_params, **options)
         copy_tree(Path(local) / "hf", dest)

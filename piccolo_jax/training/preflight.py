@@ -3,9 +3,13 @@
 `preflight(cfg, workdir)` resolves what a run needs and refuses (UsageError, exit code 2, one line naming
 the file, line, key or tensor) what cannot work:
 
-* `--init`: an HF directory, our model directory, or a run directory with an export; its config.json
-  must agree with the stored tensors (sizes are checked from the checkpoint's metadata before any model
-  is built, so an absurd `num_hidden_layers` is refused at once);
+* `--init`: an HF directory, our model directory, a run directory with an export, or a Hugging Face hub
+  id (`ORG/NAME[@REVISION]`, from the local cache: `io.hub`); its config.json must agree with the stored
+  tensors (sizes are checked from the checkpoint's metadata before any model is built, so an absurd
+  `num_hidden_layers` is refused at once);
+* the instructions: `data.query_prefix` / `data.passage_prefix` where the config sets them, else the
+  --init model's sentence-transformers prompts (config_sentence_transformers.json), else piccolo's;
+  the resolved config (WORKDIR/config.json) holds the strings used, and the export writes them as its prompts;
 * the tokenizer: `tokenizer` if set, else the --init model's own, else (random init) the bundled
   bert-base-chinese vocabulary; it must fit the model's vocabulary;
 * the data: every path exists and holds datasets, every record parses (or is counted with
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from piccolo_jax.config import TrainConfig, config_from_dict
+from piccolo_jax.config.data import PASSAGE_PREFIX, QUERY_PREFIX
 from piccolo_jax.config.model import ModelConfig
 from piccolo_jax.data.loader import Loader
 from piccolo_jax.data.records import BadRecord
@@ -102,6 +107,28 @@ def resolve_tokenizer(cfg: TrainConfig, init_dir: Path | None) -> tuple[str, str
     return str(resources.bundled_tokenizer()), "bundled bert-base-chinese vocabulary"
 
 
+def resolve_prefixes(cfg: TrainConfig, init_dir: Path | None) -> tuple[TrainConfig, str]:
+    """(`cfg` with data.query_prefix / passage_prefix set, a note for the log): each where the config sets
+    it, else the --init model's sentence-transformers prompt, else piccolo's."""
+    from piccolo_jax.hf.prompts import ST_CONFIG, read_prompts
+
+    data, prompts = cfg.data, None
+    if init_dir is not None and (data.query_prefix is None or data.passage_prefix is None):
+        try:
+            prompts = read_prompts(init_dir)
+        except ValueError as e:
+            raise UsageError(f"--init {cfg.init}: {e}") from None
+    default, origin = (prompts, f"the --init model's prompt, {ST_CONFIG}") if prompts is not None else \
+        ({"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX}, "piccolo's")
+    chosen = {}
+    for kind in ("query", "passage"):
+        value = getattr(data, f"{kind}_prefix")
+        chosen[kind] = (default[kind], origin) if value is None else (value, f"set by data.{kind}_prefix")
+    note = "instructions: " + ", ".join(f"{kind} {text!r} ({why})" for kind, (text, why) in chosen.items())
+    data = dataclasses.replace(data, query_prefix=chosen["query"][0], passage_prefix=chosen["passage"][0])
+    return dataclasses.replace(cfg, data=data), note
+
+
 def check_tokenizer(tokenizer: Tokenizer, model_cfg: ModelConfig, where: str) -> list[str]:
     """Refuse a tokenizer whose ids do not fit the embedding table; warn when it leaves rows unused."""
     if tokenizer.vocab_size > model_cfg.vocab_size:
@@ -157,7 +184,7 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, process_index: int, proces
                          "e.g. --set 'data.paths=[\"my_data/\"]'")
     try:
         sources = open_sources(cfg.data.paths, cfg.data.record_format, cfg.data.skip_bad_records,
-                               cfg.data.max_record_bytes)
+                               cfg.data.max_record_bytes, columns={n: dict(m) for n, m in cfg.data.columns})
         loader = Loader(cfg.data, tokenizer, sources, process_index, process_count)
     except BadRecord as e:
         raise UsageError(str(e)) from None
@@ -181,6 +208,8 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
     warnings += check_tokenizer(tokenizer, model_cfg, f"tokenizer {tokenizer_dir} ({why})")
     notes.append(f"tokenizer {tokenizer_dir} ({why}): {tokenizer.vocab_size:,} tokens")
     cfg = dataclasses.replace(cfg, model=model_cfg, tokenizer=tokenizer_dir)
+    cfg, prefix_note = resolve_prefixes(cfg, init_dir)
+    notes.append(prefix_note)
     if is_url(cfg.run.eval_path):
         raise UsageError(f"run.eval_path {cfg.run.eval_path}: evaluation tasks are read from a local path")
     if cfg.run.eval_path and not os.path.exists(cfg.run.eval_path):
