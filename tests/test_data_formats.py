@@ -259,6 +259,16 @@ def test_encode_and_mine_read_parquet_as_jsonl(tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "jsonl.npy"), np.load(tmp_path / "parquet.npy"))
     assert (tmp_path / "parquet.ids.txt").read_text() == "".join(f"d{i}\n" for i in range(24))
     assert (tmp_path / "parquet.mined.jsonl").read_bytes() == (tmp_path / "jsonl.mined.jsonl").read_bytes()
+    faq = _parquet(tmp_path / "faq.parquet", [{"question": r["query"], "answer": r["answer"]} for r in pairs])
+    mine = ["--model", model, "--corpus", str(tmp_path / "corpus.parquet"), "--corpus-field", "body", "--window",
+            "1", "10", "--num-negatives", "2", "--no-progress", "--input", str(faq)]
+    assert mine_negatives.main([*mine, "--output", str(tmp_path / "faq.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "faq.parquet row 1: no known columns among ['answer', 'question']" in err
+    assert "--columns text=QUERY_COLUMN,text_pos=PASSAGE_COLUMN" in err and "skip" not in err
+    assert mine_negatives.main([*mine, "--output", str(tmp_path / "faq.jsonl"),
+                                "--columns", "text=question,text_pos=answer"]) == 0
+    assert (tmp_path / "faq.jsonl").read_bytes() == (tmp_path / "jsonl.mined.jsonl").read_bytes()
     assert encode.main(["--model", model, "--input", str(tmp_path / "corpus.parquet"), "--field", "text",
                         "--output", str(tmp_path / "x.npy")]) == 2
     assert "corpus.parquet: no column 'text' (--field); its columns: doc, body" in capsys.readouterr().err

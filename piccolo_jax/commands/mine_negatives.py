@@ -31,18 +31,22 @@ from pathlib import Path
 from piccolo_jax.commands.errors import InputError, Parser, run_guarded
 
 
-def read_records(path) -> list:
+def read_records(path, columns: tuple[tuple[str, str], ...] = ()) -> list:
     """The records of the input: JSONL lines, or the rows of a table input (Parquet, Arrow, hub dataset),
-    in any format the trainer reads (the first bad one refused naming its file and line or row)."""
+    in any format the trainer reads, columns renamed by `columns` (--columns); the first bad one refused
+    naming its file and line or row (unknown columns in the first: with the --columns to pass)."""
     from piccolo_jax.data import arrow_tables
-    from piccolo_jax.data.jsonl_scan import CLI_HINT
-    from piccolo_jax.data.records import BadRecord, parse_line
+    from piccolo_jax.data.jsonl_scan import CLI_HINT, schema_hint
+    from piccolo_jax.data.records import BadRecord, UnknownSchema, parse_line
 
+    mapping = dict(columns) or None
     if arrow_tables.is_table_input(path):
+        from piccolo_jax.data.discovery import find_datasets
         from piccolo_jax.data.sources import open_sources
 
         try:
-            (source,) = open_sources([str(path)], skip_hint=CLI_HINT)
+            name = find_datasets([str(path)])[0].name
+            (source,) = open_sources([str(path)], skip_hint=CLI_HINT, columns={name: mapping} if mapping else None)
         except BadRecord as e:
             raise InputError(str(e)) from None
         if not len(source):
@@ -58,9 +62,11 @@ def read_records(path) -> list:
             if not raw.strip():
                 continue
             try:
-                records.append(parse_line(raw))
+                records.append(parse_line(raw, columns=mapping))
             except BadRecord as e:
-                raise InputError(f"{path}:{lineno}: {e}") from None
+                first = isinstance(e, UnknownSchema) and not records
+                hint = f"; {schema_hint(CLI_HINT, Path(path).stem)}" if first else ""
+                raise InputError(f"{path}:{lineno}: {e}{hint}") from None
     if not records:
         raise InputError(f"{path}: no records (the file is empty or blank)")
     return records
@@ -93,6 +99,7 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.encode import input_path
+    from piccolo_jax.commands.prepare_data import parse_columns
     from piccolo_jax.commands.encoder_options import add_encoder_arguments, check_prefix_arguments
     from piccolo_jax.parallel.processes import run_command
 
@@ -109,6 +116,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="0-based rank window [START, END) to sample from (default 10 100)")
     p.add_argument("--num-negatives", type=int, default=7, help="negatives per query (piccolo: 2 to 7)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--columns", default="", metavar="KEY=COLUMN,...",
+                   help="read the input's columns as our record keys, e.g. text=question,text_pos=answer")
     p.add_argument("--format", choices=("uniem", "bge"), default="uniem", help="output record format")
     p.add_argument("--no-instructions", action="store_true", help="no query / passage prefixes")
     p.add_argument("--query-max-length", type=int, default=64, help="query token limit (piccolo: 64)")
@@ -117,6 +126,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     check_prefix_arguments(p, args)
+    try:
+        args.columns = parse_columns(args.columns) if args.columns else ()
+    except ValueError as e:
+        p.error(str(e))
     start, end = args.window
     if not 0 <= start < end:
         p.error(f"--window {start} {end}: need 0 <= START < END")
@@ -134,7 +147,7 @@ def run(args) -> int:
     from piccolo_jax.parallel.processes import is_main_process, temp_path
 
     start, end = args.window
-    records = read_records(args.input)
+    records = read_records(args.input, args.columns)
     corpus = read_corpus(args.corpus, args.corpus_field) if args.corpus is not None else None
     if args.format == "uniem" and any(r.prompt for r in records):
         raise InputError(f"{args.input}: records carry a 'prompt', which the uniem format cannot hold; "
