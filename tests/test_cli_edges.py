@@ -138,3 +138,53 @@ def test_mine_labels_its_two_progress_bars(tmp_path, models):
     assert run.returncode == 0, run.stderr
     assert "encode queries" in run.stderr and "encode corpus" in run.stderr
     assert len(out.read_text(encoding="utf-8").splitlines()) == 6
+
+
+def _help(capsys, *argv) -> str:
+    from piccolo_jax.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line wrapping undone
+
+
+def test_help_names_every_bundled_config_run_directories_and_the_installed_command(capsys):
+    bundled = sorted(p.stem for p in (REPO / "configs").glob("*.toml"))
+    assert {"tiny", "pretrain", "finetune", "tiny_v2", "finetune_v2"} <= set(bundled)
+    text = _help(capsys, "train")
+    listed = text.split("a bundled one by name: ", 1)[1].split(" --workdir", 1)[0]
+    assert listed.split(", ") == ["tiny (default", "CPU)"] + [n for n in bundled if n != "tiny"], listed
+    for command in ("encode", "mine", "evaluate"):
+        model = _help(capsys, command).split("--model MODEL ", 2)[2]  # the option's help, not the usage line
+        assert model.startswith("training run directory (e.g. runs/finetune: its export/model)"), (command, model)
+        assert "hub id ORG/NAME[@REVISION]" in model.split(" --", 1)[0], (command, model)
+    text = _help(capsys, "convert")
+    assert "piccolo-jax convert hf2jax HF_DIR OUT_DIR" in text and "piccolo-jax convert jax2hf MODEL_DIR" in text
+    assert "python conversion/convert.py hf2jax" not in text and "python conversion/convert.py jax2hf" not in text
+
+
+def test_prepare_without_its_extra_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    from piccolo_jax.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed: import fails
+    assert main(["prepare", "--output", str(tmp_path / "tfds"), str(REPO / "assets" / "data" / "finetune")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: prepare needs tensorflow-datasets and array-record"), err
+    assert err[0].endswith(": pip install 'piccolo-jax[tfds]'"), err
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_mine_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
+    """As `convert` refuses an existing output directory: one line, exit 2, before any model loads (the
+    model named here does not exist), the file as it was. --overwrite: test_mining.test_mine_negatives_cli."""
+    from piccolo_jax.cli import main
+
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "finetune.jsonl"
+    pairs.write_text('{"text": "q", "text_pos": "p"}\n')
+    out.write_text("mine\n")
+    assert main(["mine", "--model", str(tmp_path / "no-model"), "--input", str(pairs), "--output", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"piccolo-jax mine: error: {out} exists (pass --overwrite to replace it)"]
+    assert out.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["finetune.jsonl",
+                                                                                          "pairs.jsonl"]

@@ -49,3 +49,20 @@ def test_print_config_takes_one_path_from_any_directory(tmp_path, monkeypatch, c
     assert main(["train", "--stage", "finetune", "--print-config", "--set", "data.paths=3"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == ["train: config error: --set data.paths=3: data.paths: expected tuple, got int 3"]
+
+
+@pytest.mark.parametrize("override,line", [
+    ("optim.learning_rate=1e-4", "--set optim.learning_rate=1e-4: optim: unknown key 'learning_rate'; did you mean "
+     "'lr'? known: ['b1', 'b2', 'clip_norm', 'eps', 'lr', 'schedule', 'warmup_steps', 'weight_decay']"),
+    ("finetune.optim.warmup=3", "--set finetune.optim.warmup=3: optim: unknown key 'warmup'; did you mean "
+     "'warmup_steps'? known: ['b1', 'b2', 'clip_norm', 'eps', 'lr', 'schedule', 'warmup_steps', 'weight_decay']"),
+    ("optm.lr=1e-4", "--set optm.lr=1e-4: unknown section or key 'optm'; did you mean 'optim'? known: ['data', "
+     "'init', 'loss', 'model', 'optim', 'parallel', 'run', 'stage', 'tokenizer', 'pretrain', 'finetune']"),
+    ("optim.xyz=1", "--set optim.xyz=1: optim: unknown key 'xyz'; known: ['b1', 'b2', 'clip_norm', 'eps', 'lr', "
+     "'schedule', 'warmup_steps', 'weight_decay']"),  # nothing close: no question
+])
+def test_an_unknown_key_names_the_one_meant(override, line, capsys):
+    """A misspelt or foreign name (learning_rate is lr here) gets a "did you mean", in one line, exit 2."""
+    assert main(["train", "--stage", "pretrain", "--print-config", "--set", override]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert err == [f"train: config error: {line}"]

@@ -171,6 +171,80 @@ def test_missing_middle_layer_is_named(tmp_path, capsys):
     _assert_fails_cleanly(capsys, src, tmp_path / "out", "missing tensor", "encoder.layer.3.")
 
 
+def _refused(capsys, argv: list[str], out: Path) -> str:
+    """convert exits 2 with one line on stderr (returned), prints nothing else and writes nothing."""
+    assert convert_main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and not captured.out, captured.err + captured.out
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no temp leftovers
+    return lines[0]
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 1e7), ("intermediate_size", 1536.0)])
+def test_a_float_size_in_config_json_is_refused_in_one_line(tmp_path, capsys, key, value):
+    """A JSON number like 1e7 is a float: refused naming the file and key, not an 80-line JAX traceback."""
+    from piccolo_jax.config.model import ModelConfig
+    from piccolo_jax.inference.encoder import Encoder
+    from piccolo_jax.io.run_dir import UsageError
+    from piccolo_jax.training.preflight import load_init
+
+    src = _copy_minilm(tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, key: value}))
+    reason = f"{src / 'config.json'}: {key}={value!r} must be an integer, got float"
+    line = _refused(capsys, ["hf2jax", str(src), str(tmp_path / "out")], tmp_path / "out")
+    assert line == f"convert.py hf2jax: error: {reason}"
+    with pytest.raises(ValueError) as info:  # the public API
+        Encoder.load(src)
+    assert str(info.value) == reason
+    with pytest.raises(UsageError) as info:  # `train --init SRC` prints "train: error: " + this, exit 2
+        load_init(str(src), ModelConfig())
+    assert str(info.value) == f"--init {src}: {reason}" and info.value.code == 2
+
+
+def test_a_truncated_tokenizer_is_refused_and_not_copied(tmp_path, capsys, converted):
+    """hf2jax (and jax2hf) load the tokenizer files before converting: a truncated tokenizer.json is refused."""
+    src = _copy_minilm(tmp_path / "src")
+    data = (src / "tokenizer.json").read_bytes()
+    cut = data[: len(data) // 2]  # one line of JSON: the parser's column is where it stops
+    (src / "tokenizer.json").write_bytes(cut)
+    line = _refused(capsys, ["hf2jax", str(src), str(tmp_path / "out")], tmp_path / "out")
+    assert line == (f"convert.py hf2jax: error: {src / 'tokenizer.json'}: cannot load tokenizer (EOF while "
+                    f"parsing an object at line 1 column {len(cut)})")
+    ours = tmp_path / "ours"
+    shutil.copytree(converted / "jax", ours)
+    (ours / "tokenizer.json").write_bytes(cut)
+    line = _refused(capsys, ["jax2hf", str(ours), str(tmp_path / "hf")], tmp_path / "hf")
+    assert line == (f"convert.py jax2hf: error: {ours / 'tokenizer.json'}: cannot load tokenizer (EOF while "
+                    f"parsing an object at line 1 column {len(cut)})")
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious pytorch_model.bin holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_runs_code_is_refused_in_one_line(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy2(MINILM / "config.json", src / "config.json")
+    marker = tmp_path / "the_pickle_ran"
+    torch.save({"embeddings.word_embeddings.weight": torch.zeros(2, 2), "x": _RunsCode(marker)},
+               str(src / "pytorch_model.bin"))
+    line = _refused(capsys, ["hf2jax", str(src), str(tmp_path / "out")], tmp_path / "out")
+    assert line == (f"convert.py hf2jax: error: {src / 'pytorch_model.bin'}: refused, not loaded: its pickle "
+                    f"references {os.system.__module__}.system: the file tries to run code or holds objects that "
+                    "are not tensors; only tensors are read (model.safetensors is the safe format)")
+    assert not marker.exists()
+
+
 def test_existing_output_is_not_clobbered(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

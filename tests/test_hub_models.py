@@ -207,3 +207,28 @@ def test_mining_uses_the_encoders_query_prefix():
     records = [Record("q1", ("p1",)), Record("q2", ("p2",), (), "指令: ")]
     mine_negatives(enc, records, ["p1", "p2", "p3", "p4"], window=(0, 3), num_negatives=1)
     assert enc.calls[0] == (None, ["query: q1", "指令: q2"]) and enc.calls[1][0] == "passage"
+
+
+def test_matryoshka_dims_are_checked_against_the_init_model(offline, tmp_path, capsys):
+    """--init a model wider than the config's (MiniLM: 384, tiny: 64): dims up to 384 are accepted, from a
+    path or a hub id; dims wider than the init model are refused in one line; without --init the config's
+    width still decides, before anything loads."""
+    from piccolo_jax.io.run_dir import UsageError
+    from piccolo_jax.training.preflight import preflight
+
+    dims = "loss.matryoshka_dims=[384, 128]"
+    for init in (str(MINILM), PLAIN_ID):
+        assert cli_main(["train", "--stage", "pretrain", "--init", init, "--set", dims, "--print-config"]) == 0
+        assert json.loads(capsys.readouterr().out)["loss"]["matryoshka_dims"] == [384, 128]
+    tiny = find_config("tiny")
+    pre = preflight(load_config(tiny, "pretrain", [f"init={json.dumps(str(MINILM))}", dims]), tmp_path / "run")
+    pre.loader.close()
+    assert pre.cfg.model.hidden_size == 384 and pre.cfg.loss.matryoshka_dims == (384, 128)
+    with pytest.raises(UsageError) as e:
+        preflight(load_config(tiny, "pretrain", [f"init={json.dumps(str(MINILM))}", "loss.matryoshka_dims=[512, 128]"]),
+                  tmp_path / "run")
+    assert str(e.value) == f"--init {MINILM}: loss.matryoshka_dims [512] exceed the embedding width 384 of this model"
+    assert not (tmp_path / "run").exists()
+    assert cli_main(["train", "--stage", "pretrain", "--set", dims, "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == ("train: config error: loss.matryoshka_dims [384, 128] exceed the embedding "
+                                               "width 64 (model.dense_out_features, else model.hidden_size)")

@@ -161,10 +161,13 @@ def test_mine_negatives_cli(tmp_path):
                              for i, t in enumerate(corpus[:6])), encoding="utf-8")
     (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
     out = tmp_path / "out" / "finetune.jsonl"
+    out.parent.mkdir()
+    out.write_text("an earlier output\n")  # replaced: --overwrite (refused without it: test_cli_edges)
     env = {**os.environ, "XLA_FLAGS": xla_flags()}
     run = subprocess.run(check=False, args=[sys.executable, "scripts/mine_negatives.py", "--model", str(model), "--input", str(pairs),
                           "--corpus", str(tmp_path / "corpus.txt"), "--output", str(out), "--window", "2", "12",
-                          "--num-negatives", "4", "--no-progress"], cwd=REPO, capture_output=True, text=True, env=env)
+                          "--num-negatives", "4", "--no-progress", "--overwrite"], cwd=REPO, capture_output=True,
+                         text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert "6 rows" in run.stdout
     lines = out.read_bytes().splitlines()

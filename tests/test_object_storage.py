@@ -140,7 +140,8 @@ def test_kill_9_resume_export_and_reload_on_gs(gcs, local_reference, tmp_path):
     assert "resumed from gs://bkt/a/checkpoints/" in r.stdout and "taking over the stale lock" in r.stdout
     # Every step after the checkpoint is rerun; the metrics up to it were persisted with it.
     got, ref = _losses(url, "a"), losses(local_reference)
-    assert sorted(got) == list(range(1, STEPS + 1)), sorted(got)
+    steps = [json.loads(line)["step"] for line in _read(url, "a/metrics.jsonl").decode().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), steps  # each step once: the killed run's rows past it dropped
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
                                rtol=1e-6)
     assert json.loads(_read(url, "a/export/export.json"))["step"] == STEPS
@@ -231,3 +232,24 @@ def test_object_text_close_writes_lines_after_a_forced_flush(in_process_gcs):
     assert _read(in_process_gcs, "logs/train.log") == b"line 1\n"
     text.close()
     assert _read(in_process_gcs, "logs/train.log") == b"line 1\nline 2\n"
+
+
+def test_a_resumed_run_drops_the_metrics_past_its_checkpoint_on_gs(in_process_gcs):
+    """On object storage metrics.jsonl is rewritten whole: the rows past the resumed step are gone from it
+    before the run appends (`ObjectText` reads the object it continues), and a kept file is not rewritten."""
+    from piccolo_jax.io.storage import ObjectText
+    from piccolo_jax.training.metrics_log import drop_rows_after
+
+    rows = [json.dumps({"loss": 1.0 / s, "step": s}) + "\n" for s in range(1, 7)]
+    ObjectText("gs://bkt/resumed/metrics.jsonl").close()  # nothing buffered: nothing written
+    assert drop_rows_after("gs://bkt/resumed/metrics.jsonl", 4) == 0  # no object yet
+    text = ObjectText("gs://bkt/resumed/metrics.jsonl")
+    text.write("".join(rows))
+    text.close()
+    assert drop_rows_after("gs://bkt/resumed/metrics.jsonl", 4) == 2
+    assert _read(in_process_gcs, "resumed/metrics.jsonl").decode() == "".join(rows[:4])
+    text = ObjectText("gs://bkt/resumed/metrics.jsonl")
+    text.write('{"loss": 0.5, "step": 5}\n')
+    text.close()
+    assert _read(in_process_gcs, "resumed/metrics.jsonl").decode() == "".join(rows[:4]) + '{"loss": 0.5, "step": 5}\n'
+    assert drop_rows_after("gs://bkt/resumed/metrics.jsonl", 5) == 0

@@ -115,6 +115,27 @@ def test_bad_record_in_a_running_workdir_is_logged_there(tmp_path):
     assert checkpoints(workdir) == [2] and export_step(workdir) == 2
 
 
+def test_skipped_bad_records_are_reported_in_train_log(tmp_path):
+    """data.skip_bad_records=true: the "file:line: reason" report, made while the checks run (before the work
+    directory exists), is on the console once and in WORKDIR/train.log, the run's permanent record."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [json.dumps({"text": f"问题 {i}", "text_pos": f"答案 {i}"}, ensure_ascii=False) for i in range(40)]
+    lines[6] = '{"text": "缺少正例"}'
+    lines[20] = "{not json"
+    path = data / "mine.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    workdir = tmp_path / "w"
+    r = run(workdir, f'data.paths=["{data}"]', "data.skip_bad_records=true", "run.steps=1")
+    report = [f"WARNING {path}: skipped 2 bad records:\n", f"WARNING   {path}:7: missing field 'text_pos'\n",
+              f"WARNING   {path}:21: malformed JSON: Expecting property name enclosed in double quotes at column 2\n"]
+    train_log = (workdir / "train.log").read_text(encoding="utf-8")
+    for needle in report:
+        assert r.stdout.count(needle) == 1, r.stdout[-3000:]
+        assert train_log.count(needle) == 1, train_log[-3000:]
+    assert export_step(workdir) == 1
+
+
 def test_users_own_jsonl_directory_trains_with_a_warning_for_unknown_names(tmp_path):
     """tiny.toml names a `paraphrase` dataset (symmetric); the user's data has none: a warning, not an error."""
     data = tmp_path / "my data"

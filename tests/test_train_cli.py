@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,8 +71,10 @@ def test_loss_decreases_and_outputs_exist(reference_run):
 
 
 def _tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
-    """The scalars of TensorBoard event files, read as TFRecords of Event protos (length, masked CRC, data,
-    masked CRC) with the compiled protos tensorboardX ships."""
+    """The scalars of TensorBoard event files as TensorBoard shows them, read as TFRecords of Event protos
+    (length, masked CRC, data, masked CRC) with the compiled protos tensorboardX ships. The files are read
+    oldest first; a SessionLog START event at step N (a writer opened with purge_step=N) discards the
+    events of steps >= N read before it, as TensorBoard does; a record cut short by a kill ends its file."""
     import struct
 
     from tensorboardX.proto import event_pb2
@@ -81,10 +84,14 @@ def _tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
     assert files, "no TensorBoard event file"
     for path in files:
         data, at = path.read_bytes(), 0
-        while at < len(data):
+        while at + 12 <= len(data):
             (length,) = struct.unpack("<Q", data[at:at + 8])
+            if at + 12 + length + 4 > len(data):
+                break
             event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
             at += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                out = {tag: [(s, v) for s, v in values if s < event.step] for tag, values in out.items()}
             for value in event.summary.value:
                 out.setdefault(value.tag, []).append((event.step, value.simple_value))
     return out
@@ -106,11 +113,22 @@ def test_kill_9_and_restart_reproduces_the_uninterrupted_run(reference_run, tmp_
         proc.kill()
     killed_at = max(_losses(workdir))
     assert killed_at < STEPS, "the run finished before the kill"
+    stale = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
     _run(workdir, f"run.steps={STEPS}")
-    assert "resumed from" in (workdir / "train.log").read_text()
+    resumed = re.search(r"resumed from \S+/(\d+)", (workdir / "train.log").read_text())
+    assert resumed, "the rerun did not resume"
     ref, got = _losses(reference_run), _losses(workdir)
     assert sorted(got) == sorted(ref)
     np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-6, atol=0)
+    # Each step once: the rows the killed run wrote up to its checkpoint are kept as they were, the rows it
+    # wrote after it are replaced by the rerun's (no stale line left); TensorBoard shows each step once too.
+    start, lines = int(resumed.group(1)), (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, STEPS + 1))
+    assert lines[:start] == stale[:start]
+    assert not set(lines[start:]) & set(stale), "a row of the killed run past its checkpoint was kept"
+    scalars = _tensorboard_scalars(workdir / "tb")
+    assert [s for s, _ in scalars["loss"]] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([v for _, v in scalars["loss"]], [got[s] for s in range(1, STEPS + 1)], rtol=1e-6)
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
@@ -190,3 +208,36 @@ def test_finetune_continues_from_pretrain(reference_run, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()
              if "eval/retrieval/ndcg@10" in line]
     assert [e["step"] for e in evals] == [2, 4] and all(0 <= e["eval/retrieval/ndcg@10"] <= 1 for e in evals)
+
+
+def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
+    """In process: the killed run logged steps 1-6 and was cut mid-line; its checkpoint is step 4. The
+    resumed run keeps rows 1-4 as they were, drops 5, 6 and the torn line, and logs 5 anew; its TensorBoard
+    writer (purge_step=5) makes the killed run's events of steps 5 and 6 disappear."""
+    from tensorboardX import SummaryWriter
+
+    from piccolo_jax.training.metrics_log import MetricsLog, drop_rows_after
+
+    rows = [json.dumps({"loss": 1.0 / s, "step": s}, sort_keys=True) + "\n" for s in range(1, 7)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(rows) + '{"loss": 0.1, "st')  # kill -9 while step 7's line was written
+    stale = SummaryWriter(str(tmp_path / "tb"))
+    for s in range(1, 7):
+        stale.add_scalar("loss", 1.0 / s, s)
+    stale.close()
+    (old,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    old.rename(tmp_path / "tb" / "events.out.tfevents.0000000001.killed")  # named as an older file
+
+    log = MetricsLog(tmp_path, start=4)
+    log.write(5, {"step": 5, "loss": 0.5})
+    log.close()
+    assert metrics.read_text() == "".join(rows[:4]) + '{"loss": 0.5, "step": 5}\n'
+    assert _tensorboard_scalars(tmp_path / "tb")["loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)),
+                                                             (4, 0.25), (5, 0.5)]
+    # Nothing to drop: the file is left as it is (not rewritten).
+    inode = metrics.stat().st_ino
+    assert drop_rows_after(metrics, 5) == 0 and metrics.stat().st_ino == inode
+    # A last row without its newline is dropped too (the next row appended would run into it).
+    metrics.write_text(rows[0] + rows[1].rstrip("\n"))
+    assert drop_rows_after(metrics, 4) == 1 and metrics.read_text() == rows[0]
+    assert drop_rows_after(metrics, 0) == 1 and metrics.read_text() == ""  # a fresh start: no step kept

@@ -1,10 +1,13 @@
 """Convert BERT weights between Hugging Face PyTorch format and piccolo-jax model directories.
 
-    python conversion/convert.py hf2jax HF_DIR OUT_DIR     # HF (safetensors or .bin) -> Orbax + config
+    piccolo-jax convert hf2jax HF_DIR OUT_DIR              # HF (safetensors or .bin) -> Orbax + config
     piccolo-jax convert hf2jax ORG/NAME[@REV] OUT_DIR      # a Hugging Face hub id: from the local cache
                                                            #   (downloaded first when online)
-    python conversion/convert.py jax2hf OUT_DIR HF_DIR     # ours -> config.json + model.safetensors
-                                                           #   + tokenizer + sentence-transformers files
+    piccolo-jax convert jax2hf MODEL_DIR HF_DIR            # ours (e.g. runs/finetune/export/model) ->
+                                                           #   config.json + model.safetensors + tokenizer
+                                                           #   + sentence-transformers files
+
+From a clone without installing, `python conversion/convert.py ...` takes the same arguments.
 
 Output is written to a temporary directory and renamed only when complete; a failure leaves nothing.
 The sentence-transformers files (max_seq_length, prompts in config_sentence_transformers.json) go both ways.
@@ -26,6 +29,7 @@ def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
     from piccolo_jax.model.bert import count_params
     from piccolo_jax.model.directory import copy_side_files, save_model_dir
 
+    check_tokenizer_files(hf_dir)  # a truncated tokenizer.json is refused, not copied
     cfg, params, report = load_hf_model(hf_dir)
     keep_st_files = lambda tmp: copy_side_files(Path(hf_dir), tmp, ST_FILES)  # noqa: E731
     save_model_dir(out_dir, cfg, params, side_files_from=hf_dir, overwrite=overwrite, extra=keep_st_files)
@@ -42,11 +46,26 @@ def jax2hf(model_dir: str, hf_dir: str, overwrite: bool = False, max_seq_length:
     from piccolo_jax.model.bert import count_params
     from piccolo_jax.model.directory import load_model_dir
 
+    check_tokenizer_files(model_dir)
     cfg, params = load_model_dir(model_dir)
     write_hf_dir(hf_dir, cfg, params, side_files_from=model_dir, overwrite=overwrite,
                  max_seq_length=max_seq_length)
     print(f"jax2hf: {model_dir} -> {hf_dir}: {count_params(params):,} parameters; "
           f"loadable with transformers.BertModel and sentence_transformers.SentenceTransformer")
+
+
+def check_tokenizer_files(path: str | Path) -> None:
+    """Refuse (ValueError naming the file) a directory whose tokenizer files the project's Tokenizer cannot
+    load: a truncated or corrupt tokenizer.json, vocab.txt or tokenizer config. A directory without a
+    tokenizer passes (conversion does not need one)."""
+    from piccolo_jax.io.storage import as_path, local_copy
+    from piccolo_jax.model.directory import TOKENIZER_FILES
+    from piccolo_jax.text.tokenizer import Tokenizer
+
+    path = as_path(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        return
+    Tokenizer.from_dir(local_copy(path, TOKENIZER_FILES))
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:

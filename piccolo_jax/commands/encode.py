@@ -1,7 +1,10 @@
 """Embed a corpus: JSONL (one field) or plain text (one text per line) -> .npy matrix + ids file.
 
-    python scripts/encode.py --model MODEL_DIR --input corpus.jsonl --field text --id-field _id \\
+    piccolo-jax encode --model runs/finetune --input corpus.jsonl --field text --id-field _id \\
         --output corpus.npy --kind passage
+
+--model is a training run directory (its export/model), a piccolo-jax model directory, a Hugging Face
+directory or a Hugging Face hub id ORG/NAME[@REVISION].
 
 Writes OUTPUT (float32 [N, D], a NumPy .npy memory map filled chunk by chunk, so the corpus never has to fit
 in memory) and OUTPUT with suffix .ids.txt (one id per line, row i of the matrix = line i): the

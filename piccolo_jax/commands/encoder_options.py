@@ -8,9 +8,9 @@ from piccolo_jax.parallel.processes import add_distributed_arguments
 def add_encoder_arguments(parser, *, max_length: bool = True) -> None:
     """The command-line options every command that encodes shares (model, batching, dtype, placement,
     multi-host: `distributed.add_distributed_arguments`)."""
-    parser.add_argument("--model", required=True, help="Hugging Face BERT directory, piccolo-jax model directory, "
-                        "run directory (its export), or Hugging Face hub id ORG/NAME[@REVISION] (the local cache "
-                        "first; HF_HUB_OFFLINE=1: the cache only)")
+    parser.add_argument("--model", required=True, help="training run directory (e.g. runs/finetune: its "
+                        "export/model), piccolo-jax model directory, Hugging Face BERT directory, or Hugging Face "
+                        "hub id ORG/NAME[@REVISION] (the local cache first; HF_HUB_OFFLINE=1: the cache only)")
     parser.add_argument("--query-prefix", default=None, metavar="TEXT",
                         help="instruction before each query (default: the model's sentence-transformers query "
                              "prompt, else piccolo's '查询: '; '' for none)")

@@ -1,7 +1,11 @@
 """Mine hard negatives: encode queries and a corpus, search, sample negatives from a rank window.
 
-    python scripts/mine_negatives.py --model MODEL_DIR --input pairs.jsonl --output finetune.jsonl \\
+    piccolo-jax mine --model runs/pretrain --input pairs.jsonl --output finetune.jsonl \\
         --window 10 100 --num-negatives 7
+
+--model is a training run directory (its export/model), a piccolo-jax model directory, a Hugging Face
+directory or a Hugging Face hub id ORG/NAME[@REVISION]. An existing --output is replaced only with
+--overwrite.
 
 Input: training JSONL in either record format, {"text": q, "text_pos": p} (uniem / piccolo) or
 {"query": q, "pos": [p, ...], "prompt": ...} (BGE); existing negatives are replaced.
@@ -26,9 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
-from piccolo_jax.commands.errors import InputError, Parser, run_guarded
+from piccolo_jax.commands.errors import EXIT_USAGE, InputError, Parser, run_guarded
 
 
 def read_records(path, columns: tuple[tuple[str, str], ...] = ()) -> list:
@@ -97,6 +102,11 @@ def read_corpus(path: Path, field: str | None) -> list[str]:
     return texts
 
 
+def output_exists(path: Path) -> str | None:
+    """The refusal for an --output that exists (the wording of `convert`'s), or None when it does not."""
+    return f"{path} exists (pass --overwrite to replace it)" if os.path.lexists(path) else None
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.encode import input_path
     from piccolo_jax.commands.prepare_data import parse_columns
@@ -107,7 +117,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
     p.add_argument("--input", required=True, type=input_path,
                    help="training records: JSONL, Parquet, Arrow, a save_to_disk directory or hf://datasets/ORG/NAME")
-    p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write")
+    p.add_argument("--output", required=True, type=Path, help="finetune JSONL to write (not an existing file "
+                   "unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--corpus", type=input_path, default=None,
                    help="passages to mine from (default: the input's): text, JSONL, Parquet, Arrow or a hub dataset")
     p.add_argument("--corpus-field", default=None, help="JSONL field of --corpus (required for .jsonl; omit for "
@@ -137,6 +149,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("--num-negatives must be positive")
     if args.corpus_field is not None and args.corpus is None:
         p.error("--corpus-field needs --corpus")
+    if not args.overwrite and output_exists(args.output):  # before anything loads, as `convert` refuses
+        sys.stderr.write(f"{p.prog}: error: {output_exists(args.output)}\n")
+        return EXIT_USAGE
     return run_command(p.prog, args, lambda: run_guarded(p.prog, lambda: run(args)), command="mine", argv=argv,
                        outputs=(args.output,))
 
@@ -162,6 +177,8 @@ def run(args) -> int:
     rows = rows_for_output(mined, args.format)
     if not main:
         return 0
+    if not args.overwrite and output_exists(args.output):  # appeared while mining
+        raise InputError(output_exists(args.output))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(args.output)
     try:

@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         import array_record.python.array_record_module  # noqa: F401
         import tensorflow_datasets  # noqa: F401
-    except ImportError as e:
-        print(f"error: prepare needs tensorflow-datasets and array-record ({e}); "
+    except ImportError as e:  # an extra not installed: the invocation cannot work here (exit 2, as bad input)
+        print(f"error: prepare needs tensorflow-datasets and array-record, the tfds extra ({e}): "
               f"pip install 'piccolo-jax[tfds]'", file=sys.stderr)
-        return 1
+        return 2
     from piccolo_jax.data.discovery import DatasetPathError
     from piccolo_jax.data.prepare import PrepareError, PrepareOptions, prepare
 

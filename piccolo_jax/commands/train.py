@@ -39,12 +39,20 @@ from piccolo_jax.parallel.processes import (
 )
 
 
+def config_help() -> str:
+    """--config's help: every bundled config by name, read from the configs directory (tiny first)."""
+    from piccolo_jax.io.resources import bundled_configs
+
+    names = sorted(bundled_configs(), key=lambda name: name != "tiny")
+    named = ", ".join(f"{n} (default, CPU)" if n == "tiny" else n for n in names)
+    return f"TOML config file, or a bundled one by name: {named}"
+
+
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("pretrain", "finetune"), required=True,
                    help="pretrain: weak pairs, in-batch loss; finetune: triplets with hard negatives, GTE loss")
-    p.add_argument("--config", default="tiny",
-                   help="TOML config file, or a bundled one by name: tiny (default, CPU), pretrain, finetune")
+    p.add_argument("--config", default="tiny", help=config_help())
     p.add_argument("--workdir", default=None, help="run directory (default: runs/<stage>); rerunning continues it")
     p.add_argument("--init", default=None,
                    help="start from an HF directory (e.g. piccolo-base-zh, bert-base-chinese), a piccolo-jax "
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.io.resources import find_config
 
     hub_init = args.init if args.init and is_hub_id(args.init) else None  # an id, not a path to make absolute
-    overrides = list(args.overrides) + ([f"init={json.dumps(args.init)}"] if args.init and not hub_init else [])
+    # `init` set in load_config, an id too: the embedding width is then checked against the init model's
+    overrides = list(args.overrides) + ([f"init={json.dumps(args.init)}"] if args.init else [])
     try:
         cfg = load_config(find_config(args.config), args.stage, overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any
 
@@ -12,6 +13,9 @@ DTYPES = ("float32", "bfloat16")
 # Rematerialisation of the scanned blocks in the backward pass (see piccolo_jax.model.bert).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 ATTENTION = ("auto", "cudnn", "explicit")  # see piccolo_jax.model.attention
+# Sizes and ids: integers (an int or a numpy integer), never a float such as 1e7 or a bool.
+INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size", "pad_token_id", "dense_out_features")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,12 @@ class ModelConfig:
     attention: str = "auto"  # "auto" (cuDNN fused where it can run, else explicit), "cudnn" or "explicit"
 
     def __post_init__(self):
+        for name in INT_FIELDS:  # before any arithmetic: 1e7 in a config.json is a float
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an integer, got {type(value).__name__}")
+        if self.num_attention_heads <= 0:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be positive")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="

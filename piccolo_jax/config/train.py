@@ -18,6 +18,7 @@ absolute when loaded, so WORKDIR/config.json names the files the run used. URLs 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -81,6 +82,16 @@ class RunConfig:
             raise ValueError(f"run.matmul_precision={self.matmul_precision!r}; expected one of {MATMUL_PRECISIONS}")
 
 
+def check_matryoshka_width(loss: LossConfig, model: ModelConfig, whose: str = "") -> None:
+    """ValueError (one line) when loss.matryoshka_dims asks for more than the embedding width of `model`,
+    the model actually trained (`whose`: which one it is, for the message; "" = the config's model)."""
+    width = model.embedding_dim
+    too_wide = [d for d in loss.matryoshka_dims if d > width]
+    if too_wide:
+        raise ValueError(f"loss.matryoshka_dims {too_wide} exceed the embedding width {width} "
+                         f"{whose or '(model.dense_out_features, else model.hidden_size)'}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs. The resolved config is written to WORKDIR/config.json."""
@@ -102,11 +113,6 @@ class TrainConfig:
             raise ValueError(f"stage={self.stage!r}; expected one of {STAGES}")
         if self.loss.kind == "hard_negative" and self.data.num_negatives == 0:
             raise ValueError("loss.kind='hard_negative' needs data.num_negatives >= 1")
-        width = self.model.embedding_dim
-        too_wide = [d for d in self.loss.matryoshka_dims if d > width]
-        if too_wide:
-            raise ValueError(f"loss.matryoshka_dims {too_wide} exceed the embedding width {width} "
-                             "(model.dense_out_features, else model.hidden_size)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,12 +167,37 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {type(value).__name__} {value!r}")
 
 
+def _initials(name: str) -> str:
+    return "".join(word[:1] for word in name.split("_"))
+
+
+def did_you_mean(key: str, known) -> str | None:
+    """The known name `key` was most likely meant to be: a near spelling (difflib: warmpu_steps), the
+    initials of its words (learning_rate -> lr), or a longer name it begins or is a word of (warmup ->
+    warmup_steps); None when nothing is close."""
+    known = list(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return close[0]
+    if "_" in key and _initials(key) in known:
+        return _initials(key)
+    if len(key) >= 3:
+        return next((k for k in known if k.startswith(key) or key in k.split("_")), None)
+    return None
+
+
+def unknown(what: str, key: str, known: list[str]) -> str:
+    """`unknown key 'learning_rate'; did you mean 'lr'? known: [...]` (the question only when one is close)."""
+    guess = did_you_mean(key, known)
+    return f"unknown {what} {key!r};{f' did you mean {guess!r}?' if guess else ''} known: {known}"
+
+
 def _apply_section(current, cls, values: dict, where: str):
     types_ = _field_types(cls)
     changes = {}
     for key, value in values.items():
         if key not in types_:
-            raise ConfigError(f"{where}: unknown key {key!r}; known: {sorted(types_)}")
+            raise ConfigError(f"{where}: {unknown('key', key, sorted(types_))}")
         changes[key] = _coerce(value, types_[key], f"{where}.{key}")
     try:
         return dataclasses.replace(current, **changes)
@@ -221,7 +252,7 @@ def _check_overlay(tree: dict, where: str) -> None:
             types_ = _field_types(fields[key])
             for k, v in value.items():
                 if k not in types_:
-                    raise ConfigError(f"{where}: {key}: unknown key {k!r}; known: {sorted(types_)}")
+                    raise ConfigError(f"{where}: {key}: {unknown('key', k, sorted(types_))}")
                 _coerce(v, types_[k], f"{where}: {key}.{k}")
         else:
             _coerce(value, fields[key], f"{where}: {key}")
@@ -234,7 +265,7 @@ def _apply(cfg: TrainConfig, tree: dict, where: str) -> TrainConfig:
         if key in STAGES:
             continue  # stage overlays are applied by load_config
         if key not in fields:
-            raise ConfigError(f"{where}: unknown section or key {key!r}; known: {sorted(fields) + list(STAGES)}")
+            raise ConfigError(f"{where}: {unknown('section or key', key, [*sorted(fields), *STAGES])}")
         if dataclasses.is_dataclass(fields[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{key}] must be a table")
@@ -339,6 +370,11 @@ def load_config(path: str | Path | None, stage: str, overrides: list[str] = (),
             cfg = _apply(cfg, _resolve_paths(tree, base), f"--set {text}")
         else:
             _check_overlay(tree, f"--set {text}")
+    if not cfg.init:  # with `init` the model trained is the init model, not cfg.model: preflight checks it
+        try:
+            check_matryoshka_width(cfg.loss, cfg.model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,31 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt pickles / zips
-        raise ConversionError(f"{path}: unreadable PyTorch checkpoint: {e}") from e
+        raise ConversionError(_torch_load_error(path, e)) from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     out = {}
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             raise ConversionError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
         out[k] = (v.float() if v.is_floating_point() else v).numpy()
     return out
+
+
+def _torch_load_error(path: Path, e: Exception) -> str:
+    """One line for a `torch.load(weights_only=True)` failure, without torch's advice to retry with
+    weights_only=False: a pickle that names a callable or class outside torch's allowlist (os.system, a
+    custom class) is refused as such; anything else is an unreadable file, with torch's first sentence."""
+    text = str(e)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"{path}: refused, not loaded: its pickle references {refused.group(1)}: the file tries to run "
+                "code or holds objects that are not tensors; only tensors are read (model.safetensors is the safe "
+                "format)")
+    detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+    lines = [line.strip() for line in detail.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
+    return f"{path}: unreadable PyTorch checkpoint (truncated or corrupt?): {first}"
 
 
 # ------------------------------------------------------------------------------------------------ mapping

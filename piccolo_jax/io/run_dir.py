@@ -3,7 +3,8 @@
     WORKDIR/
       config.json        the resolved config of the latest start
       train.log          every start's log, appended (process 0)
-      metrics.jsonl      one JSON object per logged step; tb/ the same as TensorBoard events
+      metrics.jsonl      one JSON object per logged step; tb/ the same as TensorBoard events (a resumed
+                         run drops what an interrupted one logged after its checkpoint: each step once)
       checkpoints/<s>/   Orbax checkpoints: train state + data-loader position after step s
       export/            written once the last step is done, atomically as a whole:
         model/  hf/      our model directory and an HF + sentence-transformers directory

@@ -55,7 +55,7 @@ from piccolo_jax.training.metrics_log import MetricsLog
 from piccolo_jax.training.optim import LearningRate, make_optimizer
 from piccolo_jax.training.preflight import Preflight, preflight
 from piccolo_jax.training.program_cache import ProgramCache, step_description, wrap_step
-from piccolo_jax.training.progress import ProgressBar, RunLogHandler, console_handler
+from piccolo_jax.training.progress import EarlyRecords, ProgressBar, RunLogHandler, console_handler
 from piccolo_jax.training.state import TrainState, create_train_state, missing_subtrees
 from piccolo_jax.training.step import STOP_KEY, make_train_step
 
@@ -129,6 +129,9 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
     workdir = as_path(workdir)
     with StopRequested() as stop, contextlib.ExitStack() as cleanup:
         setup_logging(None)
+        early = EarlyRecords()  # what the checks log before train.log exists goes there once it does
+        log.addHandler(early)
+        cleanup.callback(log.removeHandler, early)
         runtime_notes = configure(cfg.run)
         if is_url(workdir):
             try:
@@ -166,8 +169,10 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
         if lock_error is not None:
             raise lock_error
         file_handler = setup_logging(workdir)
+        log.removeHandler(early)
         if file_handler is not None:
             cleanup.callback(_remove_handler, file_handler)
+            early.replay(file_handler)
         try:
             pre.notes[:0] = runtime_notes
             try:
@@ -347,7 +352,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
 
         log.info("%s", loader.enable_packing(sharding.data_parallel_size(mesh), chunks))
         log.info("%s", describe_attention(model_cfg, training=True, packed=True))
-    metrics_log = MetricsLog(workdir, enabled=is_main)
+    metrics_log = MetricsLog(workdir, enabled=is_main, start=start)
     bar = ProgressBar(cfg.run.steps, start, enabled=is_main and cfg.run.progress_bar)
     evaluator = Evaluator(cfg, pre.tokenizer, mesh) if cfg.run.eval_path else None
     step = start

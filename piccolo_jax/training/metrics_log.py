@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 
-from piccolo_jax.io.storage import ObjectText, is_url
+from piccolo_jax.io.storage import ObjectText, as_path, is_url
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +33,78 @@ def _summary_writer(url: bool = False):
     return SummaryWriter
 
 
+def _kept(text: str, start: int) -> tuple[list[str], int]:
+    """The lines of metrics.jsonl `text` a run resuming from step `start` keeps, and how many it drops:
+    rows of steps after `start` (the interrupted run logged them after its last checkpoint, and this run
+    logs them again) and lines that are not a whole JSON object (what a kill -9 leaves mid-line)."""
+    kept, dropped = [], 0
+    *whole, last = text.split("\n")  # lines end in "\n" only (str.splitlines would also split at \r, \x1c, ...)
+    for line in [f"{w}\n" for w in whole] + ([last] if last else []):
+        try:
+            row = json.loads(line) if line.endswith("\n") else None
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or (isinstance(row.get("step"), int) and row["step"] > start):
+            dropped += 1
+        else:
+            kept.append(line)
+    return kept, dropped
+
+
+def drop_rows_after(path, start: int) -> int:
+    """Make metrics.jsonl at `path` (local or URL) hold only what a run resuming from step `start` keeps
+    (`_kept`); returns the number of lines dropped. The file is replaced whole: locally a temporary file
+    renamed over it, on object storage one object write, so a kill leaves the old file or the new one."""
+    path = as_path(path)
+    if is_url(path):
+        if not path.exists():
+            return 0
+        kept, dropped = _kept(path.read_text(encoding="utf-8"), start)
+        if dropped:
+            path.write_text("".join(kept), encoding="utf-8")
+        return dropped
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            kept, dropped = _kept(f.read(), start)
+    except FileNotFoundError:
+        return 0
+    if dropped:
+        fd, tmp = tempfile.mkstemp(prefix=".metrics.jsonl.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+                f.writelines(kept)
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dropped
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to metrics.jsonl, and scalars to TensorBoard (tb/).
 
     On object storage metrics.jsonl is rewritten every 30 s and at the end (`storage.ObjectText`).
+    A run that starts from step `start` (its checkpoint) logs each later step once: the rows an interrupted
+    run wrote past that step are dropped from metrics.jsonl first (`drop_rows_after`), and the TensorBoard
+    writer is opened with purge_step=start+1, which tells TensorBoard to discard the older events of those
+    steps.
     """
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: Path, enabled: bool = True, start: int = 0):
         self.enabled = enabled
-        self._jsonl = ObjectText(workdir / "metrics.jsonl") if enabled else None
-        self._tb = None
-        if enabled:
-            try:
-                self._tb = _summary_writer(is_url(workdir))(str(workdir / "tb"))
-            except ImportError:
-                log.warning("tensorboardX is not installed: no TensorBoard event files (metrics.jsonl only)")
+        self._jsonl = self._tb = None
+        if not enabled:
+            return
+        dropped = drop_rows_after(workdir / "metrics.jsonl", start)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d line(s) that the interrupted run wrote after step %d (logged "
+                     "again by this run)", dropped, start)
+        self._jsonl = ObjectText(workdir / "metrics.jsonl")
+        try:
+            self._tb = _summary_writer(is_url(workdir))(str(workdir / "tb"), purge_step=start + 1)
+        except ImportError:
+            log.warning("tensorboardX is not installed: no TensorBoard event files (metrics.jsonl only)")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

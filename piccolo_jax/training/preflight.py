@@ -29,6 +29,7 @@ from typing import Any
 from piccolo_jax.config import TrainConfig, config_from_dict
 from piccolo_jax.config.data import PASSAGE_PREFIX, QUERY_PREFIX
 from piccolo_jax.config.model import ModelConfig
+from piccolo_jax.config.train import check_matryoshka_width
 from piccolo_jax.data.loader import Loader
 from piccolo_jax.data.records import BadRecord
 from piccolo_jax.data.sources import Source, open_sources
@@ -200,6 +201,10 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
     model_cfg, init_params, init_note, init_dir = cfg.model, None, "random init", None
     if cfg.init:
         model_cfg, init_params, init_note, init_dir = load_init(cfg.init, cfg.model)
+    try:  # against the model trained: with --init its own width, not the config file's model.hidden_size
+        check_matryoshka_width(cfg.loss, model_cfg, "of this model" if cfg.init else "")
+    except ValueError as e:
+        raise UsageError(f"--init {cfg.init}: {e}" if cfg.init else str(e)) from None
     tokenizer_dir, why = resolve_tokenizer(cfg, init_dir)
     try:
         tokenizer = Tokenizer.from_dir(local_copy(tokenizer_dir, TOKENIZER_FILES))

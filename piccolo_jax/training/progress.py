@@ -59,6 +59,27 @@ class RunLogHandler(logging.Handler):
             super().close()
 
 
+class EarlyRecords(logging.Handler):
+    """Keeps what a start logs before WORKDIR/train.log exists (the checks: skipped bad records, skipped
+    files) so that `replay` writes it there once it does; the console has shown it already."""
+
+    def __init__(self, limit: int = 10_000):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < self.limit:
+            self.records.append(record)
+
+    def replay(self, handler: logging.Handler) -> None:
+        """Hand the kept records, with their own times, to `handler` alone (not to the console again)."""
+        for record in self.records:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        self.records.clear()
+
+
 def _rate(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
