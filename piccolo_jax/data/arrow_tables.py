@@ -160,7 +160,7 @@ class RowReader:
             at = np.flatnonzero(which == k)
             start = self._ends[k] - self._batches[k].num_rows
             for i, row in zip(at, self._batches[k].take(ids[at] - start).to_pylist()):
-                out[i] = {key: v for key, v in row.items() if v is not None}
+                out[i] = present(row)
         return out
 
     def where(self, row: int) -> tuple[str, int]:
@@ -170,11 +170,16 @@ class RowReader:
         return (self._files[k] if self._files else ""), row - before + 1
 
 
+def present(row: dict) -> dict:
+    """A table row without its null values: a null is an absent key (RowReader.rows)."""
+    return {key: value for key, value in row.items() if value is not None}
+
+
 def iter_rows(table, batch_rows: int = 8192):
     """Every row of `table` in order (as `rows` gives them), one batch of rows in memory at a time."""
     for batch in table.to_batches(max_chunksize=batch_rows):
         for row in batch.to_pylist():
-            yield {k: v for k, v in row.items() if v is not None}
+            yield present(row)
 
 
 def is_table_input(path) -> bool:
@@ -205,6 +210,8 @@ def table_texts(path, table, field: str, id_field: str | None = None, option: st
     for column, what in ((field, option), (id_field, "--id-field")):
         if column is not None and column not in table.column_names:
             raise ValueError(f"{path}: no column {column!r} ({what}); its columns: {', '.join(table.column_names)}")
+    from piccolo_jax.io.text_files import document_id
+
     columns = [field] + ([id_field] if id_field else [])
     row = 0
     for batch in table.select(columns).to_batches(max_chunksize=8192):
@@ -216,13 +223,7 @@ def table_texts(path, table, field: str, id_field: str | None = None, option: st
             if id_field is None:
                 yield str(row), text
                 continue
-            doc_id = values[id_field][i]
-            if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-                raise ValueError(f"{path} row {row}: id column {id_field!r} must be a string or integer")
-            doc_id = str(doc_id)
-            if "\n" in doc_id or "\r" in doc_id:
-                raise ValueError(f"{path} row {row}: id {doc_id!r} contains a line break")
-            yield doc_id, text
+            yield document_id(values[id_field][i], f"{path} row {row}", f"id column {id_field!r}"), text
 
 
 def file_rows(path: str, lo: int, hi: int, batch_rows: int = 8192) -> Iterator[dict]:

@@ -57,13 +57,18 @@ def iter_texts(path: Path, field: str | None, id_field: str | None = None) -> It
             continue
         if id_field not in obj:
             raise ValueError(f"{path}:{lineno}: missing id field {id_field!r}")
-        doc_id = obj[id_field]
-        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-            raise ValueError(f"{path}:{lineno}: id field {id_field!r} must be a string or integer")
-        doc_id = str(doc_id)
-        if "\n" in doc_id or "\r" in doc_id:
-            raise ValueError(f"{path}:{lineno}: id {doc_id!r} contains a line break")
-        yield doc_id, text
+        yield document_id(obj[id_field], f"{path}:{lineno}", f"id field {id_field!r}"), text
+
+
+def document_id(value, where: str, what: str) -> str:
+    """An id value (a string or integer, one line) as the string written to the ids file; ValueError
+    "where: ..." naming `what` (the JSONL field or table column) otherwise."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"{where}: {what} must be a string or integer")
+    doc_id = str(value)
+    if "\n" in doc_id or "\r" in doc_id:
+        raise ValueError(f"{where}: id {doc_id!r} contains a line break")
+    return doc_id
 
 
 def count_lines(path: Path) -> tuple[int, int]:
