@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     if name not in COMMANDS:
-        sys.stderr.write(f"piccolo-jax: unknown command {name!r}; expected one of {', '.join(COMMANDS)}\n")
+        sys.stderr.write(f"piccolo-jax: error: unknown command {name!r}; expected one of {', '.join(COMMANDS)}\n")
         return 2
     module = importlib.import_module(f"piccolo_jax.commands.{COMMANDS[name][0]}")
     return int(module.main(argv[1:], prog=f"piccolo-jax {name}") or 0)

@@ -170,7 +170,8 @@ def test_prepare_without_its_extra_is_one_line_exit_2(tmp_path, capsys, monkeypa
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed: import fails
     assert main(["prepare", "--output", str(tmp_path / "tfds"), str(REPO / "assets" / "data" / "finetune")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: prepare needs tensorflow-datasets and array-record"), err
+    assert len(err) == 1, err
+    assert err[0].startswith("piccolo-jax prepare: error: prepare needs tensorflow-datasets and array-record"), err
     assert err[0].endswith(": pip install 'piccolo-jax[tfds]'"), err
     assert not (tmp_path / "tfds").exists()
 
@@ -188,3 +189,40 @@ def test_mine_refuses_an_existing_output_without_overwrite(tmp_path, capsys):
     assert err == [f"piccolo-jax mine: error: {out} exists (pass --overwrite to replace it)"]
     assert out.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["finetune.jsonl",
                                                                                           "pairs.jsonl"]
+
+
+def test_every_command_prefixes_its_errors_with_its_name(tmp_path, capsys):
+    """`piccolo-jax COMMAND: error: ...`, one line, exit 2, whether argparse, the config or the input refuses
+    (argparse's own usage errors print `PROG: error:`; ours match them); `scripts/*.py` run the same main."""
+    from piccolo_jax.cli import main
+
+    def refused(*argv) -> str:
+        try:
+            code = main(list(map(str, argv)))
+        except SystemExit as e:  # argparse
+            code = e.code
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == 2 and len(err) == 1, (argv, code, err)
+        return err[0]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": \n', encoding="utf-8")
+    cases = {
+        "train": [("--stage", "pretrian"), ("--stage", "pretrain", "--print-config", "--set", "optim.lrr=1"),
+                  ("--stage", "pretrain", "--config", tmp_path / "none.toml")],
+        "encode": [("--model", "m", "--output", "o.npy"),
+                   ("--model", tmp_path / "nowhere", "--input", bad, "--output", tmp_path / "o.npy")],
+        "evaluate": [("--model", "m", "--frobnicate")],
+        "mine": [("--model", "m",)],
+        "convert": [("sideways", "a", "b")],
+        "prepare": [("--output", tmp_path / "out", "--record-format", "nope", "in.jsonl"),
+                    ("--output", tmp_path / "out", "--columns", "passage=answer", "in.parquet")],
+    }
+    for command, argvs in cases.items():
+        for argv in argvs:
+            line = refused(command, *argv)
+            assert line.startswith(f"piccolo-jax {command}: error: "), line
+    line = refused("convert", "hf2jax", tmp_path / "nowhere", tmp_path / "out")  # the subcommand's own prog
+    assert line.startswith("piccolo-jax convert hf2jax: error: "), line
+    assert main(["frobnicate"]) == 2
+    assert capsys.readouterr().err.startswith("piccolo-jax: error: unknown command 'frobnicate'")

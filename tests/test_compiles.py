@@ -46,7 +46,7 @@ def test_runs_of_other_lengths_and_learning_rates_load_the_step_from_the_cache(t
         r = subprocess.run(cmd(workdir, *sets, "data.packing=false"), cwd=ROOT, env=run_env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r.stdout + r.stderr
+        return r.stdout + r.stderr + (workdir / "train.log").read_text(encoding="utf-8")  # + the details
 
     def stored():
         return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())

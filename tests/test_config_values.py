@@ -48,7 +48,7 @@ def test_print_config_takes_one_path_from_any_directory(tmp_path, monkeypatch, c
     assert json.loads(capsys.readouterr().out)["data"]["paths"] == [str(tmp_path / "mydata")]
     assert main(["train", "--stage", "finetune", "--print-config", "--set", "data.paths=3"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["train: config error: --set data.paths=3: data.paths: expected tuple, got int 3"]
+    assert err == ["piccolo-jax train: error: --set data.paths=3: data.paths: expected tuple, got int 3"]
 
 
 @pytest.mark.parametrize("override,line", [
@@ -65,4 +65,4 @@ def test_an_unknown_key_names_the_one_meant(override, line, capsys):
     """A misspelt or foreign name (learning_rate is lr here) gets a "did you mean", in one line, exit 2."""
     assert main(["train", "--stage", "pretrain", "--print-config", "--set", override]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert err == [f"train: config error: {line}"]
+    assert err == [f"piccolo-jax train: error: {line}"]

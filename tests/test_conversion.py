@@ -195,11 +195,11 @@ def test_a_float_size_in_config_json_is_refused_in_one_line(tmp_path, capsys, ke
     (src / "config.json").write_text(json.dumps({**cfg, key: value}))
     reason = f"{src / 'config.json'}: {key}={value!r} must be an integer, got float"
     line = _refused(capsys, ["hf2jax", str(src), str(tmp_path / "out")], tmp_path / "out")
-    assert line == f"convert.py hf2jax: error: {reason}"
+    assert line == f"piccolo-jax convert hf2jax: error: {reason}"
     with pytest.raises(ValueError) as info:  # the public API
         Encoder.load(src)
     assert str(info.value) == reason
-    with pytest.raises(UsageError) as info:  # `train --init SRC` prints "train: error: " + this, exit 2
+    with pytest.raises(UsageError) as info:  # `train --init SRC` prints "piccolo-jax train: error: " + this, exit 2
         load_init(str(src), ModelConfig())
     assert str(info.value) == f"--init {src}: {reason}" and info.value.code == 2
 
@@ -211,13 +211,13 @@ def test_a_truncated_tokenizer_is_refused_and_not_copied(tmp_path, capsys, conve
     cut = data[: len(data) // 2]  # one line of JSON: the parser's column is where it stops
     (src / "tokenizer.json").write_bytes(cut)
     line = _refused(capsys, ["hf2jax", str(src), str(tmp_path / "out")], tmp_path / "out")
-    assert line == (f"convert.py hf2jax: error: {src / 'tokenizer.json'}: cannot load tokenizer (EOF while "
+    assert line == (f"piccolo-jax convert hf2jax: error: {src / 'tokenizer.json'}: cannot load tokenizer (EOF while "
                     f"parsing an object at line 1 column {len(cut)})")
     ours = tmp_path / "ours"
     shutil.copytree(converted / "jax", ours)
     (ours / "tokenizer.json").write_bytes(cut)
     line = _refused(capsys, ["jax2hf", str(ours), str(tmp_path / "hf")], tmp_path / "hf")
-    assert line == (f"convert.py jax2hf: error: {ours / 'tokenizer.json'}: cannot load tokenizer (EOF while "
+    assert line == (f"piccolo-jax convert jax2hf: error: {ours / 'tokenizer.json'}: cannot load tokenizer (EOF while "
                     f"parsing an object at line 1 column {len(cut)})")
 
 
@@ -239,7 +239,7 @@ def test_a_pickle_that_runs_code_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"embeddings.word_embeddings.weight": torch.zeros(2, 2), "x": _RunsCode(marker)},
                str(src / "pytorch_model.bin"))
     line = _refused(capsys, ["hf2jax", str(src), str(tmp_path / "out")], tmp_path / "out")
-    assert line == (f"convert.py hf2jax: error: {src / 'pytorch_model.bin'}: refused, not loaded: its pickle "
+    assert line == (f"piccolo-jax convert hf2jax: error: {src / 'pytorch_model.bin'}: refused, not loaded: its pickle "
                     f"references {os.system.__module__}.system: the file tries to run code or holds objects that "
                     "are not tensors; only tensors are read (model.safetensors is the safe format)")
     assert not marker.exists()

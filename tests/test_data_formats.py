@@ -187,6 +187,56 @@ def test_what_is_not_a_dataset_is_refused_naming_it(tmp_path):
         find_datasets([str(tmp_path / "x.csv")])
 
 
+def test_a_fifo_or_a_symlink_loop_named_jsonl_is_skipped_with_a_warning(tmp_path, capsys):
+    """`piccolo-jax train` in this process on a directory whose `*.jsonl` are a named pipe and a symbolic
+    link to itself: each skipped with a warning saying what it is, as any other file that is not data (the
+    pipe never opened: that would wait for a writer for good), then the one-line refusal of a directory
+    without data. Before any work directory exists."""
+    import logging
+    import os
+    import threading
+    import time
+
+    from piccolo_jax.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    os.mkfifo(data / "stream.jsonl")
+    (data / "loop.jsonl").symlink_to("loop.jsonl")
+    (data / "README.md").write_text("# data")
+
+    def unblock():  # should the pipe be opened after all: a writer appears, then end of file
+        try:
+            os.close(os.open(data / "stream.jsonl", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # nobody reading it: as it should be
+            pass
+
+    watchdog = threading.Timer(60, unblock)
+    watchdog.start()
+    logger = logging.getLogger("piccolo_jax")
+    t0 = time.monotonic()
+    try:
+        code = main(["train", "--stage", "pretrain", "--workdir", str(tmp_path / "w"), "--set",
+                     f'data.paths=["{data}"]'])
+    finally:
+        watchdog.cancel()
+        for handler in list(logger.handlers):  # the trainer's console handler holds this test's stdout
+            logger.removeHandler(handler)
+        logger.propagate = True
+    out, err = capsys.readouterr()
+    assert time.monotonic() - t0 < 50, "the trainer waited on the named pipe"
+    assert code == 2 and not (tmp_path / "w").exists(), (code, out, err)
+    for name, why in (("README.md", "not a data file (.jsonl, .parquet, .arrow)"),
+                      ("stream.jsonl", "a named pipe (FIFO), not a regular file"),
+                      ("loop.jsonl", "a symbolic link loop")):
+        assert f"WARNING skipping {data / name}: {why}" in out, out
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"piccolo-jax train: error: data: {data}: no data files (.jsonl, .parquet, .arrow) or TFDS / "
+        "save_to_disk datasets in this directory"]
+    with pytest.raises(DatasetPathError, match="stream.jsonl: a named pipe"):  # named itself: refused
+        find_datasets([str(data / "stream.jsonl")])
+
+
 # ---------------------------------------------------------------------------------------------------- hub
 @pytest.fixture()
 def hub(tmp_path, monkeypatch):
@@ -229,7 +279,7 @@ def test_trainer_from_hub_model_and_hub_dataset_and_save_to_disk_then_unknown_co
             "data.global_batch_size=8", "data.query_max_length=16", "data.passage_max_length=32",
             "data.pad_multiple=16", "loss.num_chunks=1", "run.log_every=1", "run.progress_bar=false",
             fast=False, extra=["--init", "sentence-transformers/all-MiniLM-L6-v2"])
-    log = r.stdout + r.stderr
+    log = r.stdout + r.stderr + (tmp_path / "run" / "train.log").read_text()  # the datasets: train.log
     assert "finished: step 3 of 3" in log
     assert "dataset nli: retrieval, 25 records" in log and "dataset qa: retrieval, 45 records" in log, log[-3000:]
     assert "models--sentence-transformers--all-MiniLM-L6-v2/snapshots/" in log, log[-3000:]

@@ -22,6 +22,7 @@ from piccolo_jax.data.sources import JsonlSource, TfdsSource, open_sources  # no
 
 N = 300
 HINT = "(pass --skip-bad-records to skip and count such records)"
+ERROR = "piccolo-jax prepare: error: "  # how the command starts its one-line errors
 
 
 @pytest.fixture(autouse=True)
@@ -30,10 +31,10 @@ def _cache(tmp_path, monkeypatch):
 
 
 def prepare(capsys, *args):
-    """`piccolo-jax prepare ARGS` in this process: (exit code, stdout, the stderr lines starting "error:")."""
+    """`piccolo-jax prepare ARGS` in this process: (exit code, stdout, the stderr lines starting ERROR)."""
     rc = prepare_main([str(a) for a in args])
     out, err = capsys.readouterr()
-    return rc, out, [line for line in err.splitlines() if line.startswith("error:")]
+    return rc, out, [line for line in err.splitlines() if line.startswith(ERROR)]
 
 
 def _rows(n=N):
@@ -118,12 +119,12 @@ def test_bad_rows_are_named_by_file_and_row(tmp_path, capsys):
     files = _write_shards(tmp_path / "src", "noisy", _table(rows), 170, row_group_size=23)
     out = tmp_path / "out"
     rc, stdout, errors = prepare(capsys, "--output", out, "--workers", 1, "--shard-bytes", 1500, tmp_path / "src")
-    assert rc == 2 and errors == [f"error: {files[0]} row 5: missing field 'text_pos' {HINT}"]
+    assert rc == 2 and errors == [f"{ERROR}{files[0]} row 5: missing field 'text_pos' {HINT}"]
     assert not os.path.exists(out / "noisy")
     rows[4]["text_pos"] = "答案4"
     _write_shards(tmp_path / "src", "noisy", _table(rows), 170, row_group_size=23)
     rc, stdout, errors = prepare(capsys, "--output", out, "--workers", 1, "--shard-bytes", 1500, tmp_path / "src")
-    assert rc == 2 and errors == [f"error: {files[1]} row 57: field 'text_pos' is empty {HINT}"]
+    assert rc == 2 and errors == [f"{ERROR}{files[1]} row 57: field 'text_pos' is empty {HINT}"]
     rc, stdout, errors = prepare(capsys, "--output", out, "--workers", 1, "--shard-bytes", 1500,
                                  "--skip-bad-records", tmp_path / "src")
     assert rc == 0 and f"{N - 1} records, 1 bad records skipped" in stdout
@@ -174,7 +175,7 @@ def test_unknown_columns_refused_in_one_line_and_mapped_with_columns(tmp_path, c
     for skip in ((), ("--skip-bad-records",)):
         rc, stdout, errors = prepare(capsys, "--output", out, "--workers", 1, *skip, src)
         assert rc == 2 and len(errors) == 1
-        assert errors[0].startswith(f"error: {src} row 1: no known columns among ['answer', 'id', 'question']")
+        assert errors[0].startswith(f"{ERROR}{src} row 1: no known columns among ['answer', 'id', 'question']")
         assert errors[0].endswith("; map your columns to ours: --columns text=QUERY_COLUMN,text_pos=PASSAGE_COLUMN")
         assert "skip" not in errors[0]
     assert not os.path.exists(out / "faq")

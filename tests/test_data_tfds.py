@@ -29,6 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(REPO, "assets", "data", "finetune")
 
 
+ERROR = "piccolo-jax prepare: error: "  # how the command starts its one-line errors
+
+
 def prepare(*args, cwd=None):
     """`python scripts/prepare_data.py ARGS` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "prepare_data.py"), *map(str, args)],
@@ -270,7 +273,7 @@ def test_two_inputs_with_one_name_are_refused(tmp_path):
         _write_rows(tmp_path / d / "same.jsonl", _pairs(3))
     r = prepare("--output", tmp_path / "out", tmp_path / "a", tmp_path / "b")
     assert r.returncode == 2
-    assert r.stderr.strip() == (f"error: {tmp_path / 'a' / 'same.jsonl'} and {tmp_path / 'b' / 'same.jsonl'} "
+    assert r.stderr.strip() == (f"{ERROR}{tmp_path / 'a' / 'same.jsonl'} and {tmp_path / 'b' / 'same.jsonl'} "
                                 f"would both become dataset 'same' in {tmp_path / 'out'}; rename one")
     assert not (tmp_path / "out").exists()
     _write_rows(tmp_path / "a" / "Same.JSONL", _pairs(3))  # one name after snake_casing
@@ -287,12 +290,12 @@ def test_empty_or_bad_input_leaves_nothing(tmp_path, case):
     args = ["--skip-bad-records"] if case in ("all_bad_skipped", "blank_lines") else []
     r = prepare("--output", out, *args, src)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    error = [line for line in r.stderr.splitlines() if line.startswith(ERROR)]
     assert len(error) == 1 and error == r.stderr.splitlines()[-1:]
-    expected = {"empty": f"error: {src}: empty file, no records",
-                "blank_lines": f"error: {src}: no good records, all 2 are bad (e.g. {src}:1: empty line)",
-                "all_bad_skipped": f"error: {src}: no good records, all 3 are bad (e.g. {src}:1: malformed JSON",
-                "bad_without_skip": f"error: {src}:2: malformed JSON"}[case]
+    expected = {"empty": f"{ERROR}{src}: empty file, no records",
+                "blank_lines": f"{ERROR}{src}: no good records, all 2 are bad (e.g. {src}:1: empty line)",
+                "all_bad_skipped": f"{ERROR}{src}: no good records, all 3 are bad (e.g. {src}:1: malformed JSON",
+                "bad_without_skip": f"{ERROR}{src}:2: malformed JSON"}[case]
     assert error[0].startswith(expected)
     if case == "bad_without_skip":
         assert error[0].endswith("(pass --skip-bad-records to skip and count such records)")
@@ -308,7 +311,7 @@ def test_failed_rebuild_keeps_the_previous_dataset(tmp_path):
     lines[55] = "{broken\n"
     _write_rows(src, lines)
     r = prepare("--output", out, "--workers", 2, "--shard-bytes", 500, src)  # fails in a late shard
-    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"error: {src}:56: malformed JSON")
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"{ERROR}{src}:56: malformed JSON")
     assert {p: (out / p).read_bytes() if (out / p).is_file() else None for p in _tree(out)} == before
 
 
@@ -352,7 +355,7 @@ def test_bad_paths_exit_2_with_one_line(tmp_path):
                             (tmp_path, ("no data files (.jsonl, .parquet, .arrow) or TFDS / save_to_disk datasets "
                                         "in this directory"))):
         r = prepare("--output", tmp_path / "out", target)
-        assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"error: {target}: {message}"
+        assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"{ERROR}{target}: {message}"
 
 
 def test_discovery_case_insensitive_nested_refused_skips_logged(tmp_path):
@@ -364,9 +367,11 @@ def test_discovery_case_insensitive_nested_refused_skips_logged(tmp_path):
     (data / "README.md").write_text("# data")
     (data / "notes.txt").write_text("x")
     (data / ".hidden.jsonl").write_text("x")
+    os.mkfifo(data / "stream.jsonl")  # neither opened (it would wait for a writer) nor dropped silently
+    (data / "loop.jsonl").symlink_to("loop.jsonl")
     r = prepare("--output", out, data)
     assert r.returncode == 2
-    assert r.stderr.splitlines()[-1] == (f"error: {data / 'zh'}: 1 data file(s) in a nested directory "
+    assert r.stderr.splitlines()[-1] == (f"{ERROR}{data / 'zh'}: 1 data file(s) in a nested directory "
                                          f"(e.g. nested.jsonl), which are not read; list {data / 'zh'} itself "
                                          f"in the data paths to read them")
     assert not out.exists()
@@ -375,8 +380,9 @@ def test_discovery_case_insensitive_nested_refused_skips_logged(tmp_path):
     for name, n in (("upper", 4), ("lower", 5), ("nested", 6)):
         assert f"{out / name / '1.0.0'}: {n} records" in r.stdout
     not_data = "not a data file (.jsonl, .parquet, .arrow)"
-    for skipped, why in (("README.md", not_data), ("notes.txt", not_data),
-                         (".hidden.jsonl", "hidden")):
+    for skipped, why in (("README.md", not_data), ("notes.txt", not_data), (".hidden.jsonl", "hidden"),
+                         ("stream.jsonl", "a named pipe (FIFO), not a regular file"),
+                         ("loop.jsonl", "a symbolic link loop")):
         assert f"WARNING skipping {data / skipped}: {why}" in r.stderr
     (out / "stray.txt").write_text("x")  # a TFDS data dir scanned by the loader: the stray file is logged
     r = prepare("--output", tmp_path / "again", out)

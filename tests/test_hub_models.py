@@ -230,5 +230,6 @@ def test_matryoshka_dims_are_checked_against_the_init_model(offline, tmp_path, c
     assert str(e.value) == f"--init {MINILM}: loss.matryoshka_dims [512] exceed the embedding width 384 of this model"
     assert not (tmp_path / "run").exists()
     assert cli_main(["train", "--stage", "pretrain", "--set", dims, "--print-config"]) == 2
-    assert capsys.readouterr().err.strip() == ("train: config error: loss.matryoshka_dims [384, 128] exceed the embedding "
-                                               "width 64 (model.dense_out_features, else model.hidden_size)")
+    assert capsys.readouterr().err.strip() == ("piccolo-jax train: error: loss.matryoshka_dims [384, 128] exceed the "
+                                               "embedding width 64 (model.dense_out_features, else "
+                                               "model.hidden_size)")

@@ -116,7 +116,7 @@ def test_sigint_on_the_last_step_then_rerun_exports(tmp_path):
 def test_signal_before_the_first_step(tmp_path):
     workdir = tmp_path / "early"
     proc = start(workdir, "run.steps=8", log_file=tmp_path / "log")
-    wait_until(lambda: "tokenizer" in (tmp_path / "log").read_text(), proc, what="the start")
+    wait_until(lambda: "devices: " in (tmp_path / "log").read_text(), proc, what="the start")
     assert stop(proc, signal.SIGTERM) == 0
     assert not checkpoints(workdir) or checkpoints(workdir) == [1]
     assert export_step(workdir) is None

@@ -132,7 +132,8 @@ def test_a_dead_peer_stops_the_survivor_and_the_rerun_resumes(two_process_run, t
                 p.wait()
         text = (logs / f"process-{survivor}.log").read_text()
         assert code not in (0, None) and elapsed <= LOST_PEER_BOUND_S, (code, elapsed, text[-4000:])
-        ours = [line for line in text.splitlines() if line.startswith("train: error:") or "lost contact" in line]
+        ours = [line for line in text.splitlines()
+                if line.startswith("piccolo-jax train: error:") or "lost contact" in line]
         assert ours and "last checkpoint: step" in ours[-1] and "rerun the same command" in ours[-1], text[-4000:]
         assert checkpoints(workdir)[-1] < STEPS, "the run finished before the kill"
     logs = tmp_path / "resume"

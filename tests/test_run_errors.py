@@ -153,7 +153,8 @@ def test_users_own_jsonl_directory_trains_with_a_warning_for_unknown_names(tmp_p
 def test_init_brings_its_own_tokenizer(tmp_path):
     workdir = tmp_path / "from_minilm"
     r = run(workdir, "run.steps=2", "loss.num_chunks=1", extra=["--init", str(MINILM)])
-    assert f"tokenizer {MINILM} (the --init model's own): 30,522 tokens" in r.stdout, r.stdout[-3000:]
+    log = (workdir / "train.log").read_text(encoding="utf-8")  # a detail of the start: train.log only
+    assert f"tokenizer {MINILM} (the --init model's own): 30,522 tokens" in log, r.stdout[-3000:]
     hf = workdir / "export" / "hf"
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 30522
     assert len((hf / "vocab.txt").read_text(encoding="utf-8").splitlines()) == 30522
@@ -181,8 +182,10 @@ def test_non_finite_training_stops_with_exit_1_and_no_export(tmp_path, sets):
 
 
 # ------------------------------------------------------------------------------------- failed saves
-def _in_mount_namespace(mount_script: str, workdir: Path, *sets, timeout=300) -> subprocess.CompletedProcess:
-    """Run the trainer in a private mount namespace where `mount_script` prepared `workdir`'s disk."""
+def _in_mount_namespace(mount_script: str, workdir: Path, *sets, timeout=300, after: str = ""
+                        ) -> subprocess.CompletedProcess:
+    """Run the trainer in a private mount namespace where `mount_script` prepared `workdir`'s disk; then the
+    shell command `after` (its stdout follows the trainer's; the exit code stays the trainer's)."""
     if shutil.which("unshare") is None:
         pytest.skip("unshare (util-linux) is not installed")
     probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
@@ -193,7 +196,7 @@ def _in_mount_namespace(mount_script: str, workdir: Path, *sets, timeout=300) ->
     from trainer_cli import cmd, env
 
     line = " ".join(f"'{a}'" for a in cmd(workdir, *sets))
-    return subprocess.run([*prefix, "sh", "-c", f"{mount_script} && exec {line}"], cwd=ROOT, env=env(),
+    return subprocess.run([*prefix, "sh", "-c", f"{mount_script} && {line}; rc=$?; {after or 'true'}; exit $rc"], cwd=ROOT, env=env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -204,9 +207,12 @@ def test_read_only_checkpoint_directory_fails_in_one_line_without_hanging(tmp_pa
     script = (f"mount -t tmpfs -o size=64m tmpfs {disk} && mkdir -p {workdir}/checkpoints && "
               f"mount --bind {workdir}/checkpoints {workdir}/checkpoints && "
               f"mount -o remount,bind,ro {workdir}/checkpoints")
-    r = _in_mount_namespace(script, workdir, "run.steps=8", timeout=240)
+    r = _in_mount_namespace(script, workdir, "run.steps=40", timeout=240,
+                            after=f"tail -n 1 {workdir}/metrics.jsonl")
     line = one_line_error(r, 1, "saving the checkpoint of step 4")
-    assert "Read-only file system" in line and "last good checkpoint: none" in line
+    assert f"Read-only file system: {workdir}/checkpoints;" in line and "last good checkpoint: none" in line
+    # Stopped at the failing save (step 4 of 40), not at the next one: no step after it was trained.
+    assert json.loads(r.stdout.splitlines()[-1])["step"] == 4, r.stdout[-3000:]
 
 
 def test_full_disk_fails_in_one_line_naming_the_path(tmp_path):
@@ -214,10 +220,14 @@ def test_full_disk_fails_in_one_line_naming_the_path(tmp_path):
     disk.mkdir()
     workdir = disk / "w"
     # 1.5 MB: the run starts and logs, the first checkpoint (params + Adam moments, ~1.2 MB) does not fit.
-    r = _in_mount_namespace(f"mount -t tmpfs -o size=1500k tmpfs {disk}", workdir, "run.steps=8", timeout=240)
+    r = _in_mount_namespace(f"mount -t tmpfs -o size=1500k tmpfs {disk}", workdir, "run.steps=40", timeout=240,
+                            after=f"tail -n 1 {workdir}/metrics.jsonl")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "No space left on device" in lines[0] and str(disk) in lines[0], r.stderr[-3000:]
+    assert "saving the checkpoint of step 4" in lines[0]
+    # The save fails in Orbax's background write; the step after it reports it (not the next save, step 8).
+    assert json.loads(r.stdout.splitlines()[-1])["step"] < 8, r.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------------ device memory

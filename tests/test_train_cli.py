@@ -152,6 +152,56 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert not (workdir / "export").exists()  # interrupted runs do not export
 
 
+def _interrupt_twice(workdir, ready, env, *sets) -> tuple[int, str]:
+    """Start the trainer, Ctrl-C once `ready(output so far)`, again once the first is acknowledged; (exit
+    code, output). The output is read by a thread: the trainer's lines arrive while we wait."""
+    import threading
+
+    proc = subprocess.Popen(_cmd(workdir, *sets), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(predicate, what):
+        deadline = time.time() + 300
+        while not predicate("".join(lines)):
+            assert proc.poll() is None or predicate("".join(lines)), f"ended before {what}: " + "".join(lines)[-3000:]
+            assert time.time() < deadline, f"timed out waiting for {what}: " + "".join(lines)[-3000:]
+            time.sleep(0.01)
+
+    try:
+        wait_for(ready, "the moment to interrupt")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda out: "SIGINT received" in out, "the first Ctrl-C's acknowledgment")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        proc.kill()
+    reader.join(10)
+    return proc.returncode, "".join(lines)
+
+
+def test_ctrl_c_is_acknowledged_during_the_compile_and_a_second_exits_130_at_once(tmp_path):
+    """Python runs signal handlers only between bytecodes, never inside XLA's compile: the first Ctrl-C
+    must still be acknowledged at once (before the compile ends), the second must end the process with exit
+    130 (not a segfault, not swallowed), during the compile and during the steps; the rerun resumes."""
+    env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # an empty cache: a real compile
+    rc, out = _interrupt_twice(tmp_path / "compiling", lambda out: "compiling the train step" in out, env,
+                               "run.steps=12")
+    assert rc == 130, out[-3000:]
+    assert "train step ready" not in out  # acknowledged and ended inside the compile
+    assert "interrupted (second Ctrl-C): quitting now without saving" in out
+    assert "Traceback" not in out and "Segmentation fault" not in out, out[-3000:]
+
+    workdir = tmp_path / "stepping"
+    rc, out = _interrupt_twice(workdir, lambda out: (workdir / "checkpoints" / "8").is_dir(), _env(), "run.steps=400")
+    assert rc == 130 and "Traceback" not in out, out[-3000:]
+    r = _run(workdir, "run.steps=12")
+    assert re.search(rf"resumed from {workdir}/checkpoints/(8|12)", (workdir / "train.log").read_text()), r.stdout
+    assert sorted(_losses(workdir)) == list(range(1, 13))
+
+
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     import jax.numpy as jnp
 
@@ -169,6 +219,67 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
         step, restored, data = Checkpointer(tmp_path / "ckpt").restore_latest(abstract_like(state))
     assert step == 4 and data == {"position": 4} and float(restored["w"][0, 0]) == 4.0
     assert "unreadable" in caplog.text
+
+
+def _digest_reference(x: np.ndarray) -> list[int]:
+    """The checkpoint checksum of one array in numpy (uint64 arithmetic reduced mod 2^32): s1 = sum b_i (2i+1),
+    s2 = sum mix(b_i xor i), b_i the elements' bit patterns."""
+    b = x.reshape(-1).view(np.uint32).astype(np.uint64) if x.dtype.itemsize == 4 else \
+        x.reshape(-1).view(np.uint16).astype(np.uint64)
+    i = np.arange(b.size, dtype=np.uint64)
+    m32 = np.uint64(0xFFFFFFFF)
+    h = b ^ i
+    h = ((h ^ (h >> np.uint64(16))) * np.uint64(0x85EBCA6B)) & m32
+    h = ((h ^ (h >> np.uint64(13))) * np.uint64(0xC2B2AE35)) & m32
+    h = h ^ (h >> np.uint64(16))
+    return [int(np.sum((b * (2 * i + 1)) & m32) & m32), int(np.sum(h) & m32)]
+
+
+def test_the_checkpoint_checksum_equals_numpy_on_any_sharding_and_sees_one_changed_bit():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from piccolo_jax.training.state_digest import digest_mismatch, tree_digest
+
+    rng = np.random.default_rng(0)
+    tree = {"w": rng.standard_normal((64, 24)).astype(np.float32), "h": rng.standard_normal(40).astype(jnp.bfloat16),
+            "step": np.int32(7)}
+    want = {"['h']": _digest_reference(tree["h"]), "['step']": _digest_reference(np.asarray(tree["step"])),
+            "['w']": _digest_reference(tree["w"])}
+    assert tree_digest(jax.device_put(tree, jax.devices()[0])) == want
+    mesh = jax.make_mesh((8,), ("rows",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = dict(jax.device_put(tree, NamedSharding(mesh, P())), w=jax.device_put(tree["w"], NamedSharding(
+        mesh, P("rows"))))
+    assert tree_digest(sharded) == want  # split over 8 devices: the same sums (integer, order-free)
+    flipped = dict(tree, w=tree["w"].copy())
+    flipped["w"].view(np.uint32)[37, 5] ^= 1 << 22
+    problem = digest_mismatch(want, tree_digest(flipped))
+    assert problem and problem.startswith("['w']: content differs")
+
+
+def test_a_checkpoint_whose_content_changed_is_found_at_restore_and_the_run_falls_back(reference_run, tmp_path):
+    """checkpoints/20 given the arrays of checkpoint 16 (a bad copy: every file valid, so it loads without
+    error): the rerun finds it damaged in one warning line, resumes from 16, writes step 20 anew and ends with
+    the uninterrupted run's losses and, bit for bit, its checkpoint."""
+    import shutil
+
+    workdir = tmp_path / "damaged"
+    shutil.copytree(reference_run, workdir, ignore=shutil.ignore_patterns("export", "24"))
+    shutil.rmtree(workdir / "checkpoints" / "20" / "state")
+    shutil.copytree(reference_run / "checkpoints" / "16" / "state", workdir / "checkpoints" / "20" / "state")
+    r = _run(workdir, f"run.steps={STEPS}")
+    warnings = [line for line in r.stdout.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and f"checkpoint {workdir}/checkpoints/20 is damaged" in warnings[0], r.stdout[-3000:]
+    assert "content differs from the checksum written at save time" in warnings[0]
+    assert f"resumed from {workdir}/checkpoints/16" in r.stdout
+    ref, got = _losses(reference_run), _losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(17, STEPS + 1)], [ref[s] for s in range(17, STEPS + 1)],
+                               rtol=1e-6, atol=0)
+    for step in ("20", "24"):
+        assert (workdir / "checkpoints" / step / "digest" / "metadata").read_text() == \
+            (reference_run / "checkpoints" / step / "digest" / "metadata").read_text()
 
 
 def test_config_errors_are_reported_before_compiling(tmp_path):

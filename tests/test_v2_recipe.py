@@ -28,7 +28,7 @@ def _train(workdir, *sets):
 def v2_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("v2")
     r = _train(workdir)
-    return workdir, r.stdout + r.stderr
+    return workdir, r.stdout + r.stderr + (workdir / "train.log").read_text(encoding="utf-8")  # + the details
 
 
 def _metrics(workdir) -> list[dict]:

@@ -15,9 +15,10 @@ The sentence-transformers files (max_seq_length, prompts in config_sentence_tran
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from piccolo_jax.commands.errors import Parser
 
 
 def hf2jax(hf_dir: str, out_dir: str, overwrite: bool = False) -> None:
@@ -69,8 +70,7 @@ def check_tokenizer_files(path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog or "piccolo-jax convert", description=__doc__)  # one-line usage errors, exit 2
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("hf2jax", help="Hugging Face directory -> piccolo-jax model directory")
     p.add_argument("hf_dir", help="directory with config.json and model.safetensors or pytorch_model.bin, or a "
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int | None:
         else:
             jax2hf(args.model_dir, args.hf_dir, args.overwrite, args.max_seq_length)
     except (FileExistsError, FileNotFoundError, ValueError) as e:  # hf.ConversionError is a ValueError
-        print(f"convert.py {args.command}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

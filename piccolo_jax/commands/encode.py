@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.errors import Parser, run_guarded
     from piccolo_jax.parallel.processes import run_command
 
-    p = Parser(prog=prog, description=__doc__)
+    p = Parser(prog=prog or "piccolo-jax encode", description=__doc__)
     add_encoder_arguments(p)
     p.add_argument("--input", required=True, type=input_path,
                    help="JSONL (with --field) or text file, one text per line; or a Parquet / Arrow file, a "

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.encoder_options import add_encoder_arguments, check_prefix_arguments
     from piccolo_jax.parallel.processes import multi_process, run_command
 
-    p = Parser(prog=prog, description=__doc__)
+    p = Parser(prog=prog or "piccolo-jax evaluate", description=__doc__)
     add_encoder_arguments(p)
     p.add_argument("tasks", nargs="*", metavar="TASK",
                    help="task directory / .jsonl file, or a folder of them; `bundled`: the sample tasks that ship "

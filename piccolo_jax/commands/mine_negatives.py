@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from piccolo_jax.commands.encoder_options import add_encoder_arguments, check_prefix_arguments
     from piccolo_jax.parallel.processes import run_command
 
-    p = Parser(prog=prog, description=__doc__)
+    p = Parser(prog=prog or "piccolo-jax mine", description=__doc__)
     add_encoder_arguments(p, max_length=False)  # passages use --passage-max-length
     p.add_argument("--input", required=True, type=input_path,
                    help="training records: JSONL, Parquet, Arrow, a save_to_disk directory or hf://datasets/ORG/NAME")

@@ -25,13 +25,13 @@ failure. Needs tensorflow-datasets and array-record (the `tfds` extra); TensorFl
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
+from piccolo_jax.commands.errors import Parser
 from piccolo_jax.config.data import RECORD_FORMATS, RECORD_KEYS
 from piccolo_jax.data.records import BadRecord
 
@@ -61,8 +61,8 @@ def parse_columns(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog or "piccolo-jax prepare", description=__doc__)  # one-line usage errors, exit 2
+    error = f"{parser.prog}: error:"
     parser.add_argument("inputs", nargs="+",
                         help="JSONL / Parquet / Arrow files, Parquet shard groups, save_to_disk directories, "
                              "directories of those, hf://datasets/ORG/NAME[/CONFIG][:SPLIT][@REVISION]")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         columns = parse_columns(args.columns) if args.columns else ()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error} {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         import array_record.python.array_record_module  # noqa: F401
         import tensorflow_datasets  # noqa: F401
     except ImportError as e:  # an extra not installed: the invocation cannot work here (exit 2, as bad input)
-        print(f"error: prepare needs tensorflow-datasets and array-record, the tfds extra ({e}): "
+        print(f"{error} prepare needs tensorflow-datasets and array-record, the tfds extra ({e}): "
               f"pip install 'piccolo-jax[tfds]'", file=sys.stderr)
         return 2
     from piccolo_jax.data.discovery import DatasetPathError
@@ -111,13 +111,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         outcomes = prepare(args.inputs, args.output, options, report)
     except (PrepareError, BadRecord, DatasetPathError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error} {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{error} {e}", file=sys.stderr)
         return 1
     except BrokenProcessPool as e:
-        print(f"error: a worker process died ({e}); out of memory? try fewer --workers", file=sys.stderr)
+        print(f"{error} a worker process died ({e}); out of memory? try fewer --workers", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
     built = sum(o.records for o in outcomes if o.action != "reused")

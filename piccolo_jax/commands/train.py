@@ -48,8 +48,13 @@ def config_help() -> str:
     return f"TOML config file, or a bundled one by name: {named}"
 
 
+PROG = "piccolo-jax train"  # what every message of this command starts with: `PROG: error: ...`
+
+
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from piccolo_jax.commands.errors import Parser
+
+    p = Parser(prog=prog or PROG, description=__doc__)  # usage errors: `PROG: error: ...`, one line, exit 2
     p.add_argument("--stage", choices=("pretrain", "finetune"), required=True,
                    help="pretrain: weak pairs, in-batch loss; finetune: triplets with hard negatives, GTE loss")
     p.add_argument("--config", default="tiny", help=config_help())
@@ -68,7 +73,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def supervise(argv: list[str], args) -> int:
+def supervise(argv: list[str], args, prog: str = PROG) -> int:
     """Run the trainer of this process as a child and report how it ended.
 
     JAX ends a process whose distributed service failed (another process died, most often the
@@ -84,12 +89,12 @@ def supervise(argv: list[str], args) -> int:
     who = args.process_id if args.process_id is not None else os.environ.get("SLURM_PROCID", "?")
     name = signal.Signals(-rc).name
     if -rc == signal.SIGABRT:
-        sys.stderr.write(f"train: error: process {who}: the JAX distributed service stopped this process (SIGABRT): "
+        sys.stderr.write(f"{prog}: error: process {who}: the JAX distributed service stopped this process (SIGABRT): "
                          f"another process of the run is gone (the coordinator {args.coordinator or ''} or a peer "
                          f"that stopped sending heartbeats); {last_checkpoint_note(workdir)}; rerun the same "
                          "command on every process to resume\n")
         return EXIT_FAILURE
-    sys.stderr.write(f"train: error: process {who}: the trainer was killed by {name}; "
+    sys.stderr.write(f"{prog}: error: process {who}: the trainer was killed by {name}; "
                      f"{last_checkpoint_note(workdir)}; rerun the same command on every process to resume\n")
     return 128 - rc
 
@@ -103,10 +108,11 @@ def _leave(code: int) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or PROG
     args = parse_args(argv, prog)
     multi = multi_process(args)
     if multi and not args.print_config and os.environ.get(SUPERVISED_ENV) != "1":
-        return supervise(argv, args)
+        return supervise(argv, args, prog)
 
     from piccolo_jax.config import ConfigError, load_config
     from piccolo_jax.io.hub import is_hub_id, resolve_model_path
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         cfg = load_config(find_config(args.config), args.stage, overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"train: config error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     if hub_init:
         cfg = dataclasses.replace(cfg, init=hub_init)
@@ -129,7 +135,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         try:
             resolve_model_path(hub_init)
         except FileNotFoundError as e:
-            print(f"train: error: --init {e}", file=sys.stderr)
+            print(f"{prog}: error: --init {e}", file=sys.stderr)
             return 2
     from piccolo_jax.parallel.runtime import configure
 
@@ -144,12 +150,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         train(cfg, args.workdir or f"runs/{args.stage}")
     except RunError as e:
-        print(f"train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         if isinstance(e, CheckpointError) or multi:
             return _leave(e.code)
         return e.code if e.code in (EXIT_FAILURE, EXIT_USAGE) else EXIT_FAILURE
     except KeyboardInterrupt:
-        print("train: interrupted (second Ctrl-C); rerun the same command to resume from the latest checkpoint",
+        print(f"{prog}: interrupted (second Ctrl-C); rerun the same command to resume from the latest checkpoint",
               file=sys.stderr)
         return _leave(130) if multi else 130
     if multi:

@@ -19,15 +19,19 @@ that weights, prefixes and the resume state refer to, and two `train.jsonl` in `
 collide. List the subdirectory itself (`data/zh`) to read its files; a subdirectory that is itself
 listed is not looked into from its parent. Everything else found while scanning (README.md, .txt or
 .json files, hidden files and directories such as .DS_Store or an interrupted prepare's
-`.piccolo-tmp-*`, directories without datasets) is skipped with a warning saying why.
+`.piccolo-tmp-*`, directories without datasets, and whatever is not a regular file or directory: named
+pipes, sockets, looping or broken symbolic links, even when named `*.jsonl`) is skipped with a warning
+saying why; a named pipe is never opened (that would wait for a writer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,31 @@ def _skip(path: str, why: str) -> None:
     log.warning("skipping %s: %s", path, why)
 
 
+def special_file(path: str) -> str | None:
+    """Why `path` is neither a regular file nor a directory (a looping or broken symbolic link, a named
+    pipe, a socket, a device), or None when it is one of those or is gone. Only stat()s: a FIFO is never
+    opened (opening one blocks until something writes to it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        try:
+            is_link = os.path.islink(path)
+        except OSError:
+            is_link = False
+        if not is_link:
+            return None  # removed while scanning
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if e.errno == errno.ENOENT:
+            return f"a broken symbolic link (to {os.readlink(path)})"
+        return f"a symbolic link that cannot be followed ({e.strerror or e})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{kind}, not a regular file"
+
+
 class _Scan:
     def __init__(self, listed: set[str]):
         self.listed = listed  # real paths of the directories given, not entered from their parents
@@ -134,6 +163,8 @@ class _Scan:
                     found.append(full)
                 else:
                     _skip(full, f"not a data file ({', '.join(DATA_SUFFIXES)})")
+            elif why := special_file(full):
+                _skip(full, why)
         return found + self.below(path, entries)
 
     def below(self, path: str, entries: list[str]) -> list[str]:
@@ -168,6 +199,8 @@ class _Scan:
                 _skip(full, "hidden")
             elif os.path.isfile(full):
                 _skip(full, "not inside a TFDS dataset directory")
+            elif why := special_file(full):
+                _skip(full, why)
         if not entries:
             _skip(path, "empty directory")
         if is_dataset_dict(path):
@@ -213,6 +246,8 @@ def find_datasets(paths: Sequence[str]) -> list[DatasetRef]:
                                        "save_to_disk datasets in this directory")
             files = [p for p in inside if os.path.isfile(p)]
             found.extend(_file_refs(files) + [_dir_ref(d) for d in inside if not os.path.isfile(d)])
+        elif why := special_file(path):
+            raise DatasetPathError(f"{path}: {why}; name a data file or a directory")
         else:
             raise FileNotFoundError(f"{path}: no such dataset file or directory")
     return found

@@ -138,6 +138,30 @@ class Loader:
         self.sampler.check_state(state)
         self._state = self._planned = dict(state)
 
+    def first_batch_of_each_task(self, limit: int = 10_000) -> dict[str, dict]:
+        """The next batch of each task type the run trains on (of the active datasets), built ahead without
+        moving the loader (`state()` and the batches handed out stay as they are), so that the train step of
+        each can be compiled before the first step. Looks at most `limit` batches ahead (planning is
+        integers only; one batch per task type is built); a task type not met by then is left out."""
+        tasks = {self.sources[i].task for i in self.sampler.active}
+        state, plans = dict(self._state), {}
+        for _ in range(limit):
+            plan, state = self.sampler.plan(state)
+            plans.setdefault(self.sources[plan.dataset].task, plan)
+            if len(plans) == len(tasks):
+                break
+        return {task: self._build(plan) for task, plan in plans.items()}
+
+    def summary(self) -> str:
+        """One line for the console: how many datasets and records, by task type (the rest: summary_lines)."""
+        report = [r for r in self.report().values() if not r["excluded"]]
+        tasks: dict[str, int] = {}
+        for r in report:
+            tasks[r["task"]] = tasks.get(r["task"], 0) + 1
+        kinds = ", ".join(f"{t} {n}" for t, n in tasks.items()) if len(tasks) > 1 else next(iter(tasks), "")
+        return (f"data: {len(report)} dataset(s), {sum(r['records'] for r in report):,} records ({kinds})"
+                + (", packed" if self.packing is not None else ""))
+
     # -- reporting -------------------------------------------------------------------------------
     def report(self) -> dict:
         """Per dataset: task type, records, batches per pass, exclusion reason, negatives shortfall (K of

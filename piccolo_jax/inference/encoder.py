@@ -22,7 +22,10 @@ How a call to `Encoder.encode` spends its compute:
 again (for a model trained with Matryoshka losses at d; the same as truncating the raw vector and
 normalising). `Encoder(..., packing=False)` pads instead (one text per row, rows padded to their bucket; the same
 embeddings). `embed` is the array-level function (token ids -> embeddings) for use inside other JAX
-programs.
+programs; `embed_fn` is it compiled with the Encoder's shardings (B a multiple of the batch shards).
+
+A mesh of your own (`mesh=`) may have any axis types and any subset of the axes data / fsdp / tensor;
+`axis_names=` maps other names onto those (`sharding.adopt_mesh`: the same device array, renamed, Auto).
 
 Multi-process (after `jax.distributed.initialize`; the default mesh then holds every process's devices):
 every process calls `encode` with the same texts. Process p of P tokenises texts p, p + P, p + 2P, ...;
@@ -40,7 +43,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +101,14 @@ class Encoder:
     """Sentence encoder over a device mesh. Build with `Encoder.load(path)`; call `encode(texts)`."""
 
     def __init__(self, cfg: ModelConfig, params: Any, tokenizer: Tokenizer, *, mesh=None,
-                 strategy: str = "dp", max_length: int | None = None,
+                 axis_names: Mapping[str, str] | None = None, strategy: str = "dp", max_length: int | None = None,
                  tokens_per_batch: int | None = None, packing: bool = True,
                  query_prefix: str = QUERY_PREFIX, passage_prefix: str = PASSAGE_PREFIX):
         """Place `params` (numpy or jax arrays) on `mesh` (default: every device) with `strategy`;
+        `axis_names` maps the axes of your own mesh to data / fsdp / tensor (`load` says more);
         `packing` False pads one text per row instead of packing several (the same embeddings);
         `query_prefix` / `passage_prefix`: what kind "query" / "passage" prepend (default piccolo's)."""
-        if strategy not in ("dp", "fsdp"):
-            raise ValueError(f"strategy={strategy!r}; expected 'dp' (replicated) or 'fsdp' (sharded)")
-        mesh = default_mesh(strategy) if mesh is None else mesh
+        mesh = _mesh(mesh, axis_names, strategy)
         self.cfg, self.mesh, self.strategy, self.tokenizer = cfg, mesh, strategy, tokenizer
         self.max_length = _check_max_length(max_length or cfg.max_position_embeddings, cfg)
         self.tokens_per_batch = tokens_per_batch
@@ -127,14 +129,21 @@ class Encoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dtype: str = "float32", strategy: str = "dp", mesh=None,
-             max_length: int | None = None, tokens_per_batch: int | None = None,
-             query_prefix: str | None = None, passage_prefix: str | None = None) -> Encoder:
+             axis_names: Mapping[str, str] | None = None, max_length: int | None = None,
+             tokens_per_batch: int | None = None, query_prefix: str | None = None,
+             passage_prefix: str | None = None) -> Encoder:
         """Load a Hugging Face BERT directory, a piccolo-jax model directory, a training run directory
         (its export/model, as `--init` takes it), or a Hugging Face hub id `ORG/NAME[@REVISION]` (from the
         local cache, downloaded first when online: `piccolo_jax.io.hub`).
 
         dtype: "float32" or "bfloat16" compute (parameters stay float32; embeddings are float32).
         strategy: "dp" replicates parameters on every device; "fsdp" shards them (large models).
+        mesh: a `jax.sharding.Mesh` of your own (default: every device on the batch axis). Its axes are
+            piccolo-jax's "data" / "fsdp" (the batch is split over both) and "tensor" (attention heads and
+            FFN split), any subset in any order, of any axis types (Explicit ones too: the Encoder works
+            on an equivalent Auto-typed mesh over the same device array, `self.mesh`).
+        axis_names: maps other axis names to those, e.g. {"batch": "data", "model": "tensor"}; a mesh
+            with other names and no mapping is refused with a ValueError naming its axes.
         max_length: token limit incl. [CLS]/[SEP]; default `max_seq_length` of sentence_bert_config.json,
             else the model's position count (512).
         query_prefix / passage_prefix: what kind "query" / "passage" prepend; default the model's
@@ -150,9 +159,9 @@ class Encoder:
         small_files = local_copy(path, directory.TOKENIZER_FILES + ("config.json", "sentence_bert_config.json",
                                                                     ST_CONFIG))
         prompts = read_prompts(small_files) or {"query": QUERY_PREFIX, "passage": PASSAGE_PREFIX}
+        mesh = _mesh(mesh, axis_names, strategy)  # refuse a mesh we cannot use before reading weights
         if directory.is_model_dir(path):
             cfg = ModelConfig.from_json_file(small_files / "config.json", compute_dtype=dtype)
-            mesh = default_mesh(strategy) if mesh is None else mesh
             _, abstract, logical = abstract_model(cfg)  # restore straight into the final shardings
             shardings = sharding.param_shardings(abstract, logical, mesh, strategy)
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -191,8 +200,13 @@ class Encoder:
     def embed_fn(self, normalize: bool = True) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
         """Compiled `(params, input_ids_bt, attention_mask_bt) -> embeddings_bd`, batch sharded.
 
-        Cached per `normalize`; jax caches one executable per input shape. B must be a multiple of the
-        batch-shard count (`num_shards`); other sizes are refused with a ValueError naming both.
+        `jax.jit(embed)` with the Encoder's shardings: `params` as `self.param_shardings` (pass
+        `self.params`), ids and mask int32 [B, T] (T <= `max_length`; `self.tokenizer.encode`) split by
+        rows over the batch devices of `self.mesh`, float32 [B, E] out, L2-normalised when `normalize`,
+        with the same sharding. Numpy inputs are placed by the call; jax arrays on another mesh (yours)
+        are moved onto those shardings first. Cached per `normalize`; jax compiles once per (B, T).
+        B must be a multiple of the batch-shard count `num_shards` (data x fsdp sizes of the mesh): other
+        counts are refused with a ValueError naming both (pad with empty texts, or use `encode`).
         """
         if normalize not in self._fns:
             cfg, shards = self.cfg, self.num_shards
@@ -200,11 +214,18 @@ class Encoder:
             jitted = jax.jit(lambda p, ids, mask: embed(cfg, p, ids, mask, normalize),
                              in_shardings=(self.param_shardings, rows, rows), out_shardings=rows)
 
+            def onto_rows(x_bt):  # a concrete jax array on another mesh (a user's): reshard it onto ours
+                foreign = isinstance(x_bt, jax.Array) and not isinstance(x_bt, jax.core.Tracer) \
+                    and x_bt.sharding != rows
+                return jax.device_put(x_bt, rows) if foreign else x_bt
+
             def fn(params, input_ids_bt, attention_mask_bt):
                 b = np.shape(input_ids_bt)[0]
-                if b % shards:
-                    raise ValueError(f"batch of {b} rows does not split over {shards} batch shards")
-                return jitted(params, input_ids_bt, attention_mask_bt)
+                if b % shards:  # e.g. 6 rows on 8 shards: pad to -(-6 // 8) * 8 = 8 rows
+                    raise ValueError(f"embed_fn: {b} rows do not split over the {shards} batch shards of the "
+                                     f"mesh (data x fsdp); pass a multiple of {shards} rows (pad to "
+                                     f"{-(-b // shards) * shards}) or use encode(), which takes any count")
+                return jitted(params, onto_rows(input_ids_bt), onto_rows(attention_mask_bt))
 
             self._fns[normalize] = fn
         return self._fns[normalize]
@@ -363,6 +384,17 @@ class Encoder:
             return arrays
         rows = sharding.batch_sharding(self.mesh, 2)
         return [jax.make_array_from_callback(a.shape, rows, lambda index, a=a: a[index]) for a in arrays]
+
+
+def _mesh(mesh, axis_names: Mapping[str, str] | None, strategy: str):
+    """The Encoder's mesh: `mesh` (a user's, as ours: `sharding.adopt_mesh`), else the default."""
+    if strategy not in ("dp", "fsdp"):
+        raise ValueError(f"strategy={strategy!r}; expected 'dp' (replicated) or 'fsdp' (sharded)")
+    if mesh is None:
+        if axis_names:
+            raise ValueError(f"axis_names={dict(axis_names)} without a mesh: they name the axes of your mesh=")
+        return default_mesh(strategy)
+    return sharding.adopt_mesh(mesh, axis_names)
 
 
 def default_mesh(strategy: str = "dp"):

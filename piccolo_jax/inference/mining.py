@@ -93,7 +93,7 @@ def top_k_search(queries_qd: np.ndarray, corpus_cd: np.ndarray, k: int, *, mesh=
                          "the same D")
     if not 1 <= k <= n_c:
         raise ValueError(f"k={k} must be between 1 and the corpus size {n_c}")
-    mesh = default_mesh("dp") if mesh is None else mesh
+    mesh = default_mesh("dp") if mesh is None else sharding.adopt_mesh(mesh)  # our axis names, or one line
     n_dev, dim = sharding.data_parallel_size(mesh), corpus_cd.shape[1]
     per_device = -(-n_c // n_dev)
     block = min(corpus_block, -(-per_device // 8) * 8)

@@ -16,7 +16,8 @@ Strategies (config `parallel.strategy`):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,60 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     if math.prod(sizes) != n:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {n}")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def adopt_mesh(mesh: Mesh, axis_names: Mapping[str, str] | None = None) -> Mesh:
+    """A mesh a user brings, as ours: the same devices in the same layout, axes (data, fsdp, tensor), Auto.
+
+    `axis_names` maps the mesh's own axis names to ours (e.g. {"batch": "data", "model": "tensor"}); an axis
+    it leaves out must already be named data, fsdp or tensor. Axes the mesh lacks get size 1, so a
+    (4, 2) ("batch", "model") mesh becomes (data=4, fsdp=1, tensor=2) over the same 8 devices: device
+    [i, j] of the user's mesh is device [i, 0, j] of ours.
+
+    The axis types are always Auto, whatever the user's (jax.make_mesh makes Explicit axes by default):
+    every sharding here is an input / output sharding of jit or a with_sharding_constraint, and the model
+    leaves the intermediate shardings to XLA's propagation. Under Explicit axes every sharded operation
+    (the embedding gather over a vocabulary split on "tensor", the head einsums) would need its output
+    sharding spelled out. A renamed, Auto-typed mesh over the same device array places every shard on the
+    device the user's mesh would, so nothing moves.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh={mesh!r}: expected a jax.sharding.Mesh (e.g. from jax.make_mesh)")
+    mapping = dict(axis_names or {})
+    theirs = tuple(mesh.axis_names)
+    if len(theirs) > len(MESH_AXES):
+        raise ValueError(f"mesh axes {theirs}: piccolo-jax uses at most {len(MESH_AXES)} axes, "
+                         f"{' / '.join(MESH_AXES)}; make a mesh of at most {len(MESH_AXES)} axes")
+    for axis, ours in mapping.items():
+        if axis not in theirs:
+            raise ValueError(f"axis_names maps {axis!r}, which is not an axis of the mesh (axes {theirs})")
+        if ours not in MESH_AXES:
+            raise ValueError(f"axis_names[{axis!r}]={ours!r}: expected one of {' / '.join(MESH_AXES)}")
+    names = [mapping.get(axis, axis) for axis in theirs]
+    if not set(names) <= set(MESH_AXES):
+        raise ValueError(_foreign_axes_message(theirs, names, mapping))
+    for ours in MESH_AXES:
+        if names.count(ours) > 1:
+            raise ValueError(f"mesh axes {theirs} with axis_names={mapping}: "
+                             f"{[a for a, n in zip(theirs, names) if n == ours]} all map to {ours!r}")
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if tuple(names) == MESH_AXES and tuple(mesh.axis_types) == auto:
+        return mesh  # already ours
+    missing = [a for a in MESH_AXES if a not in names]
+    devices = mesh.devices.reshape(mesh.devices.shape + (1,) * len(missing))  # our missing axes, size 1
+    order = [(names + missing).index(a) for a in MESH_AXES]  # their axis order -> (data, fsdp, tensor)
+    return Mesh(devices.transpose(order), MESH_AXES, axis_types=auto)
+
+
+def _foreign_axes_message(theirs: tuple[str, ...], names: list[str], mapping: dict[str, str]) -> str:
+    """The one-line refusal of a mesh whose axes are not ours, with a mapping to copy as an example."""
+    free = [a for a in (DATA, TENSOR, FSDP) if a not in names]
+    example = dict(mapping)
+    for axis, name in zip(theirs, names):
+        if name not in MESH_AXES:
+            example[axis] = free.pop(0) if free else DATA
+    return (f"mesh axes {theirs}: piccolo-jax needs axes named {' / '.join(MESH_AXES)} (any subset, any order); "
+            f"pass axis_names= to map yours, e.g. axis_names={example}")
 
 
 def data_parallel_size(mesh: Mesh) -> int:

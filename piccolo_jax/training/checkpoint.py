@@ -4,12 +4,20 @@ A checkpoint at step s holds the train state (params, optimizer state, step, ski
 data loader's state after batch s, so a restart continues with batch s + 1 and the same dropout keys
 (the key of step s is fold_in(key(seed), s); the seed is in the config). Orbax writes each checkpoint
 to a temporary directory and renames it when complete, so a process killed during a save leaves the
-previous checkpoint intact; an unreadable latest checkpoint falls back to the one before, with a warning.
+previous checkpoint intact.
+
+Each checkpoint also holds a checksum of every array of the state (`state_digest`, computed on the
+devices at save time) and is verified against it when restored: a damaged file (a flipped block on disk,
+a bad copy) is found at restore, not as a training failure later. A checkpoint that cannot be read or
+does not verify is skipped with one warning line and the one before is restored; the damaged step is
+replaced when the run reaches it again.
 
 A step is saved at most once (a periodic save and the save of a stop request can name the same step).
 A save that fails (read-only directory, full disk) raises `CheckpointError`: one line with the reason,
-the path and the last good checkpoint. Orbax reports such failures from its background threads, which
-may not finish afterwards: a process that got a CheckpointError should leave with `os._exit`.
+the path and the last good checkpoint, at the step of the save (the directory is probed for writing before
+each asynchronous save starts; a failure inside the background write is raised by `check`, called after
+every step). Orbax reports such failures from its background threads, which may not finish afterwards: a
+process that got a CheckpointError should leave with `os._exit`.
 """
 
 from __future__ import annotations
@@ -26,12 +34,17 @@ import orbax.checkpoint as ocp
 
 from piccolo_jax.io.run_dir import RunError, checkpoint_complete
 from piccolo_jax.io.storage import as_path, ocdbt_supported
+from piccolo_jax.training.state_digest import digest_mismatch, tree_digest
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(RunError):
     """A checkpoint could not be written (or none of the existing ones could be read)."""
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint read back whole whose arrays differ from the checksum written with them."""
 
 
 def _quiet_closed_loop_reports() -> None:
@@ -75,10 +88,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         handlers = None if ocdbt_supported(self.directory) else {
-            "state": ocp.StandardCheckpointHandler(use_ocdbt=False), "data": ocp.JsonCheckpointHandler()}
+            "state": ocp.StandardCheckpointHandler(use_ocdbt=False), "data": ocp.JsonCheckpointHandler(),
+            "digest": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._last_started: int | None = None  # step of the latest save started
         self._broken = False  # a save failed (see close)
+        self._damaged: set[int] = set()  # steps found damaged at restore: replaced when saved again
         _quiet_closed_loop_reports()
 
     def steps(self) -> list[int]:
@@ -105,9 +120,19 @@ class Checkpointer:
 
         Returns False, saving nothing, when `step` is already saved or being saved.
         """
+        if step in self._damaged:  # this run computed that step anew: the damaged copy goes
+            self._manager.delete(step)
+            self._damaged.discard(step)
         if step in self._manager.all_steps():
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state))
+        self.check()  # a failure of the previous save is reported as that save's
+        try:
+            self._probe()
+        except OSError as e:
+            raise self._failed(step, e) from None
+        digest = tree_digest(state)  # waits for the step that produced `state`
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state),
+                                  digest=ocp.args.JsonSave(digest))
         try:
             return self._manager.save(step, args=args, force=force)
         except Exception as e:  # the previous async save failed, or this one could not start
@@ -115,17 +140,49 @@ class Checkpointer:
         finally:
             self._last_started = step
 
+    def _probe(self) -> None:
+        """Fail now, at the step of the save, where the directory cannot be written (read-only, full):
+        Orbax would report it from its background thread at the next save."""
+        probe = self.directory / f".write-probe-{jax.process_index()}-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:  # named by the directory, not the probe's file name
+            raise OSError(e.errno, e.strerror, str(self.directory)) from None
+
+    def check(self) -> None:
+        """Raise CheckpointError if the last asynchronous save has ended in failure (cheap: never waits).
+        Orbax reports a failed save only when waited for; a finished one is waited for at no cost."""
+        if self._last_started is None or self._broken:
+            return
+        try:
+            self._manager.check_for_errors()
+            if not self._manager.is_saving_in_progress():
+                self._manager.wait_until_finished()  # returns at once, or raises the save's failure
+        except Exception as e:
+            raise self._failed(-1 if self._last_started is None else self._last_started, e) from None
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """(state, loader_state) of `step`; `abstract_state` carries the target shardings."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
+        """(state, loader_state) of `step`, verified against its checksum (DamagedCheckpoint if it differs;
+        checkpoints written before checksums existed are not verified); `abstract_state` carries the target
+        shardings."""
+        verify = (self.directory / str(step) / "digest").exists()
+        items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        if verify:
+            items["digest"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if verify:
+            problem = digest_mismatch(restored.digest, tree_digest(restored.state))
+            if problem:
+                raise DamagedCheckpoint(problem)
         return restored.state, restored.data
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """Newest readable checkpoint as (step, state, loader_state), or None if there is none.
 
-        A checkpoint that fails to restore (truncated file, corrupt metadata) is skipped with a warning
-        and the one before it is tried.
+        A checkpoint that fails to restore (truncated file, corrupt metadata) or to verify (content
+        changed since it was written) is skipped with a warning and the one before it is tried.
         """
         errors = []
         for step in reversed(self.steps()):
@@ -134,8 +191,10 @@ class Checkpointer:
                 return step, state, data
             except Exception as e:  # Orbax / tensorstore raise many types for damaged files
                 errors.append((step, e))
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
-                            self.directory, step, type(e).__name__, error_reason(e))
+                self._damaged.add(step)
+                what = "is damaged" if isinstance(e, DamagedCheckpoint) else f"is unreadable ({type(e).__name__})"
+                log.warning("checkpoint %s/%d %s: %s; trying the one before (step %d is written anew when the run "
+                            "reaches it)", self.directory, step, what, error_reason(e), step)
         if errors:
             step, e = errors[0]
             raise CheckpointError(f"no checkpoint in {self.directory} can be restored (steps "

@@ -14,12 +14,14 @@ export is finished first.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from piccolo_jax.model.bert import count_params
 from piccolo_jax.parallel import sharding
 from piccolo_jax.parallel.runtime import configure
 from piccolo_jax.training import memory
+from piccolo_jax.training import compiling
 from piccolo_jax.training.checkpoint import Checkpointer, abstract_like, error_reason
 from piccolo_jax.training.export import write_export
 from piccolo_jax.training.flops import step_flops
@@ -55,7 +58,15 @@ from piccolo_jax.training.metrics_log import MetricsLog
 from piccolo_jax.training.optim import LearningRate, make_optimizer
 from piccolo_jax.training.preflight import Preflight, preflight
 from piccolo_jax.training.program_cache import ProgramCache, step_description, wrap_step
-from piccolo_jax.training.progress import EarlyRecords, ProgressBar, RunLogHandler, console_handler
+from piccolo_jax.training.progress import (
+    CONSOLE_ONLY,
+    FILE_ONLY,
+    EarlyRecords,
+    ProgressBar,
+    RunLogHandler,
+    console,
+    console_handler,
+)
 from piccolo_jax.training.state import TrainState, create_train_state, missing_subtrees
 from piccolo_jax.training.step import STOP_KEY, make_train_step
 
@@ -63,25 +74,71 @@ log = logging.getLogger("piccolo_jax")
 
 
 class StopRequested:
-    """SIGTERM / SIGINT set a flag; the loop stops at the next step boundary. A second Ctrl-C stops now."""
+    """SIGTERM / SIGINT set a flag; the loop stops at the next step boundary. A second Ctrl-C exits now (130).
+
+    Python runs a signal handler only when the main thread returns to the interpreter: not during an XLA
+    compile (tens of seconds) or a long device call. So the signals also wake a watcher thread (through
+    `signal.set_wakeup_fd`, written by the C-level handler the moment the signal arrives), which
+    acknowledges the first at once and ends the process on the second with `os._exit(130)`: no exception
+    is raised into whatever the main thread runs (a KeyboardInterrupt inside a gc callback is swallowed;
+    interpreter shutdown under XLA's threads can crash). A second Ctrl-C loses what the last checkpoint
+    does not hold, as kill -9 does; the rerun resumes from it.
+    """
 
     def __init__(self):
         self.signal: int | None = None
-        self._previous = {}
+        self._previous: dict = {}
+        self._pipe: tuple[int, int] | None = None
+        self._previous_fd = -1
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._pipe = (read_fd, write_fd)
+        threading.Thread(target=self._watch, args=(read_fd,), name="piccolo-stop-watcher", daemon=True).start()
         return self
 
-    def _handle(self, signum, _frame):
-        if self.signal is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
+    @staticmethod
+    def _handle(signum, _frame):
+        """Main thread, whenever it gets back to Python: nothing to do, the watcher counts every signal
+        (installing a Python handler is what makes the C-level handler write the wakeup fd)."""
+
+    def _watch(self, read_fd: int) -> None:
+        while True:
+            try:
+                received = os.read(read_fd, 64)
+            except OSError:
+                received = b""
+            if not received:  # the write end closed: __exit__
+                os.close(read_fd)
+                return
+            for signum in received:
+                if signum not in (signal.SIGINT, signal.SIGTERM):
+                    continue
+                if self.signal is None:
+                    self.signal = signum
+                    log.info("%s received: stopping after the step in flight and saving it (after the compile "
+                             "in progress, if any); press Ctrl-C again to quit now without saving",
+                             signal.Signals(signum).name)
+                elif signum == signal.SIGINT:
+                    log.warning("interrupted (second Ctrl-C): quitting now without saving; rerun the same "
+                                "command to resume from the latest checkpoint")
+                    for handler in log.handlers:
+                        handler.flush()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(130)
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self._previous_fd)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._pipe is not None:
+            os.close(self._pipe[1])  # the watcher reads end-of-file, closes its end and returns
+            self._pipe = None
 
     def __bool__(self) -> bool:
         return self.signal is not None
@@ -174,7 +231,7 @@ def train(cfg: TrainConfig, workdir: str | Path) -> dict:
             cleanup.callback(_remove_handler, file_handler)
             early.replay(file_handler)
         try:
-            pre.notes[:0] = runtime_notes
+            pre.details[:0] = runtime_notes  # compilation cache, precision: train.log
             try:
                 return _run(cfg, workdir, mesh, pre, stop, cleanup)
             except OSError as e:  # a file of the run that cannot be written: one line, not a traceback
@@ -216,6 +273,8 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
         log.warning("%s", line)
     for line in pre.notes:
         log.info("%s", line)
+    for line in pre.details:
+        log.info("%s", line, extra=FILE_ONLY)
     if removed:
         log.info("removed what an interrupted export left behind: %s", ", ".join(removed))
 
@@ -258,9 +317,10 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
     last: dict = {"step": start}
     if start < cfg.run.steps:
         programs = ProgramCache.for_run(cfg)
-        _check_memory(cfg, mesh, optimizer, schedule, _task_types(pre), programs)
-        state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule,
-                            programs)
+        with compiling.quiet_compile_alarms():  # XLA's "Very slow compile?" block: not on the console
+            _check_memory(cfg, mesh, optimizer, schedule, _task_types(pre), programs)
+            state, last = _loop(cfg, workdir, mesh, pre, state, ckpt, stop, start, base_key, optimizer, schedule,
+                                programs)
     step = last["step"]
     if stop or step < cfg.run.steps:
         where = f"checkpoint {ckpt.directory}/{step}" if step else "nothing to save yet"
@@ -279,7 +339,8 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
         log.info("received signal %d during the export; it was finished first", stop.signal)
     log.info("finished: step %d of %d, %d skipped step(s), export %s (%.1f s): model/ (ours), hf/ "
              "(transformers / sentence-transformers)", step, cfg.run.steps, int(state.skipped),
-             workdir / "export", time.perf_counter() - t0)
+             workdir / "export", time.perf_counter() - t0,
+             extra=console(f"finished: step {step} of {cfg.run.steps}, exported to {workdir / 'export'}"))
     return {**last, "state": "complete"}
 
 
@@ -289,7 +350,7 @@ def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule, tasks: tuple[str,
     per-device peak does not fit the device, naming the loss.num_chunks that does (piccolo_jax.training.memory)."""
     limit = int(cfg.run.memory_limit_gib * memory.GiB) or memory.device_memory_limit()
     if limit is None:
-        log.info("%s", memory.FitReport(cfg.loss.num_chunks, None, None, {}).line())
+        log.info("%s", memory.FitReport(cfg.loss.num_chunks, None, None, {}).line(), extra=FILE_ONLY)
         return
     d, b = cfg.data, cfg.data.global_batch_size
     k = max(d.negatives_for(t) for t in tasks)  # the widest batch of the run's task types
@@ -306,6 +367,33 @@ def _check_memory(cfg: TrainConfig, mesh, optimizer, schedule, tasks: tuple[str,
     log.info("%s", report.line())
 
 
+def _step_arrays(host_batch: dict, b: int, processes: int, stop: bool) -> dict:
+    """A host batch as the step takes it (packed or padded, the task's arrays; multi-host: the stop flags)."""
+    arrays = {**packing.step_arrays(host_batch), **task_arrays(host_batch)}
+    if processes > 1:
+        arrays[STOP_KEY] = np.full(b // processes, int(stop), np.int32)
+    return arrays
+
+
+def _compile_ahead(step_fn, loader, state, mesh, key, lr_values, bar: ProgressBar, to_arrays) -> set[str]:
+    """Compile the step for every task type of the run before the first step, at once (training.compiling);
+    returns the task types compiled."""
+    bar.status("compiling the train step")
+    batches = {task: sharding.host_local_to_global(to_arrays(host_batch), mesh)
+               for task, host_batch in loader.first_batch_of_each_task().items()}
+    if not batches:
+        return set()
+    cached = "then cached" if jax.config.jax_compilation_cache_dir else "not cached: run.compilation_cache is off"
+    what = "" if len(batches) == 1 else f" for {len(batches)} task types"
+    log.info("compiling the train step for %s batches, %d at a time (first time: up to a few minutes; %s) ...",
+             ", ".join(batches), min(len(batches), compiling.compile_workers()), cached,
+             extra=console(f"compiling the train step{what} (first time: up to a few minutes; {cached}) ..."))
+    seconds = compiling.compile_ahead(step_fn, state, batches, key, lr_values)
+    log.info("train step ready in %.0f s", seconds)
+    bar.status(f"compiled in {seconds:.0f} s")
+    return set(batches)
+
+
 def _task_types(pre: Preflight) -> tuple[str, ...]:
     """The task types of the run's datasets, in piccolo_jax.losses.hybrid.TASKS order."""
     present = {s.task for s in pre.loader.sources}
@@ -314,24 +402,34 @@ def _task_types(pre: Preflight) -> tuple[str, ...]:
 
 def _log_header(cfg: TrainConfig, mesh, state: TrainState, init_note: str, start: int, workdir: Path,
                 tasks: tuple[str, ...] = ("retrieval",)) -> None:
+    """The run's set-up: in full to train.log, in four short lines to the console."""
     b, dp = cfg.data.global_batch_size, sharding.data_parallel_size(mesh)
     chunks, model_cfg = cfg.loss.num_chunks, cfg.model
-    for line in (
-        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"{jax.process_count()} process(es), this is process {jax.process_index()}",
-        sharding.describe(mesh, cfg.parallel.strategy),
-        f"stage {cfg.stage}: loss {cfg.loss.kind} (temperature {cfg.loss.temperature}), global batch {b} "
-        f"= {dp} data shards x {b // dp} rows; gradient caching {chunks} chunk(s) of {b // chunks} rows "
-        f"({b // (dp * chunks)} per device per chunk)",
-        f"model: {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size}, "
-        f"{count_params(state.params):,} parameters, compute {model_cfg.compute_dtype}, remat {model_cfg.remat}; "
-        f"{init_note}",
-        f"steps {start} -> {cfg.run.steps}; workdir {workdir}",
-        hybrid.describe(cfg.loss, tasks) + (f"; embedding width {model_cfg.embedding_dim} (Dense head "
-                                                 f"{model_cfg.hidden_size} -> {model_cfg.dense_out_features})"
-                                                 if model_cfg.dense_out_features else ""),
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    mesh_shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    losses = f"loss {cfg.loss.kind}" if len(tasks) == 1 else f"{len(tasks)} task types ({', '.join(tasks)})"
+    for line, short in (
+        (f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+         f"{jax.process_count()} process(es), this is process {jax.process_index()}",
+         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}{processes}; mesh {mesh_shape}, "
+         f"{cfg.parallel.strategy}"),
+        (sharding.describe(mesh, cfg.parallel.strategy), None),
+        (f"stage {cfg.stage}: loss {cfg.loss.kind} (temperature {cfg.loss.temperature}), global batch {b} "
+         f"= {dp} data shards x {b // dp} rows; gradient caching {chunks} chunk(s) of {b // chunks} rows "
+         f"({b // (dp * chunks)} per device per chunk)",
+         f"stage {cfg.stage}: {losses}, global batch {b} in {chunks} chunk(s)"),
+        (f"model: {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size}, "
+         f"{count_params(state.params):,} parameters, compute {model_cfg.compute_dtype}, remat {model_cfg.remat}; "
+         f"{init_note}",
+         f"model: {model_cfg.num_hidden_layers} layers x {model_cfg.hidden_size}, {count_params(state.params):,} "
+         f"parameters, {model_cfg.compute_dtype}; {init_note}"),
+        (f"steps {start} -> {cfg.run.steps}; workdir {workdir}",
+         f"steps {start} -> {cfg.run.steps} in {workdir} (details: train.log)"),
+        (hybrid.describe(cfg.loss, tasks) + (f"; embedding width {model_cfg.embedding_dim} (Dense head "
+                                             f"{model_cfg.hidden_size} -> {model_cfg.dense_out_features})"
+                                             if model_cfg.dense_out_features else ""), None),
     ):
-        log.info("%s", line)
+        log.info("%s", line, extra=FILE_ONLY if short is None else console(short))
 
 
 def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainState, ckpt: Checkpointer,
@@ -345,13 +443,14 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
                         step_description(model_cfg, cfg.loss, cfg.parallel.strategy))
     lr_values = jnp.asarray(schedule.values)  # data, not constants: one program for any lr / warmup / steps
     loader = pre.loader
-    for line in loader.summary_lines():
-        log.info("%s", line)
+    for line, report in zip(loader.summary_lines(), loader.report().values()):
+        log.info("%s", line, extra={} if report["excluded"] else FILE_ONLY)  # excluded: on the console too
     if cfg.data.packing:
         from piccolo_jax.model.attention import describe_attention
 
-        log.info("%s", loader.enable_packing(sharding.data_parallel_size(mesh), chunks))
-        log.info("%s", describe_attention(model_cfg, training=True, packed=True))
+        log.info("%s", loader.enable_packing(sharding.data_parallel_size(mesh), chunks), extra=FILE_ONLY)
+        log.info("%s", describe_attention(model_cfg, training=True, packed=True), extra=FILE_ONLY)
+    log.info("%s", loader.summary(), extra=CONSOLE_ONLY)
     metrics_log = MetricsLog(workdir, enabled=is_main, start=start)
     bar = ProgressBar(cfg.run.steps, start, enabled=is_main and cfg.run.progress_bar)
     evaluator = Evaluator(cfg, pre.tokenizer, mesh) if cfg.run.eval_path else None
@@ -359,18 +458,20 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
     last: dict = {"step": step}
     watch = _StepWatch(cfg.run.max_consecutive_skipped, int(state.skipped))
     by_task: dict[str, dict] = {}
-    t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
+    window: collections.Counter = collections.Counter()  # dataset -> steps since the last metrics line
     fallbacks_told = None  # the fallback count the log last stated (None: not yet)
     try:
+        ahead = _compile_ahead(step_fn, loader, state, mesh, jax.random.fold_in(base_key, start), lr_values, bar,
+                               lambda hb: _step_arrays(hb, b, processes, False))
+        t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
         while step < cfg.run.steps:
             if processes == 1 and stop:  # one process: stop at once; many: when all agree (below)
                 break
             host_batch = next(loader)
-            arrays = {**packing.step_arrays(host_batch), **task_arrays(host_batch)}  # packed or padded
-            if processes > 1:
-                arrays[STOP_KEY] = np.full(b // processes, int(bool(stop)), np.int32)
+            arrays = _step_arrays(host_batch, b, processes, bool(stop))
             task = host_batch.get("task", "retrieval")
-            if task not in by_task:
+            window[host_batch.get("dataset_name", "")] += 1
+            if task not in by_task and task not in ahead:
                 log.info("compiling the train step for %s batches (the first such step takes longer) ...", task)
             state, metrics = step_fn(state, sharding.host_local_to_global(arrays, mesh),
                                      jax.random.fold_in(base_key, step), task=task, lr_values=lr_values)
@@ -385,7 +486,9 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
                 metrics = _with_other_tasks(metrics, by_task, task)
                 dt = time.perf_counter() - t_last
                 last = {"step": step, **metrics, "examples_per_s": examples / dt, "tokens_per_s": tokens / dt,
-                        "gflops_per_s": flops / dt / 1e9, **loader.metrics()}
+                        "gflops_per_s": flops / dt / 1e9, **loader.metrics(),
+                        # the dataset of this step (whose loss the line shows), and of each step of the window
+                        "dataset": host_batch.get("dataset_name", ""), "window_datasets": dict(window)}
                 if cfg.data.packing:  # real tokens / computed tokens over the steps since the last line
                     last["packing_efficiency"] = tokens / max(computed, 1)
                     # a line of its own on the first window, the last step and when a batch fell back
@@ -393,11 +496,15 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
                             or step == cfg.run.steps):
                         log.info("step %d packing: %.0f%% of the computed tokens are real; %d batch(es) padded "
                                  "instead (did not fit the packed shapes)", step,
-                                 100 * last["packing_efficiency"], loader.packing_fallbacks)
+                                 100 * last["packing_efficiency"], loader.packing_fallbacks,
+                                 extra=console(f"step {step} packing: {last['packing_efficiency']:.0%} real tokens, "
+                                               f"{loader.packing_fallbacks} batch(es) padded instead"))
                         fallbacks_told = loader.packing_fallbacks
                 metrics_log.write(step, last)
-                bar.update(step, last, first_window=t_last == 0.0 or step <= start + cfg.run.log_every)
+                bar.update(step, last, first_window=t_last == 0.0 or step <= start + cfg.run.log_every,
+                           dataset=last["dataset"])
                 t_last, examples, tokens, flops, computed = time.perf_counter(), 0, 0, 0.0, 0
+                window.clear()
             last["step"] = step
             if evaluator is not None and (step == cfg.run.steps or (
                     cfg.run.eval_every and step % cfg.run.eval_every == 0)):
@@ -408,6 +515,7 @@ def _loop(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, state: TrainSta
             if step % cfg.run.save_every == 0:
                 ckpt.save(step, state, loader.state())
                 metrics_log.persist()  # object storage: the metrics up to a checkpoint survive a kill
+            ckpt.check()  # a save that failed in the background stops the run now, not at the next save
             if agreed_stop:
                 break
         watch.finish()
@@ -454,7 +562,7 @@ def abandon(message: str, code: int = 1) -> None:
             handler.flush_now()
         handler.flush()
     sys.stdout.flush()
-    sys.stderr.write(message + "\n")
+    sys.stderr.write(f"piccolo-jax train: error: {message}\n")  # as the command's other errors
     sys.stderr.flush()
     os._exit(code)
 

@@ -59,7 +59,8 @@ class Preflight:
     sources: list[Source]
     loader: Loader  # at the start of the data; the caller restores a checkpoint's position into it
     warnings: list[str]
-    notes: list[str]  # informational lines for the log
+    notes: list[str]  # informational lines for the log (console and train.log)
+    details: list[str] = dataclasses.field(default_factory=list)  # informational lines for train.log only
 
 
 def model_source(init: str) -> Path:
@@ -197,7 +198,7 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, process_index: int, proces
 def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_count: int = 1,
               data_parallel: int | None = None) -> Preflight:
     """Resolve and check everything `cfg` names (see the module docstring); nothing is written."""
-    warnings, notes = [], []
+    warnings, notes, details = [], [], []
     model_cfg, init_params, init_note, init_dir = cfg.model, None, "random init", None
     if cfg.init:
         model_cfg, init_params, init_note, init_dir = load_init(cfg.init, cfg.model)
@@ -211,7 +212,7 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
     except (ValueError, OSError) as e:
         raise UsageError(f"tokenizer: {e}") from None
     warnings += check_tokenizer(tokenizer, model_cfg, f"tokenizer {tokenizer_dir} ({why})")
-    notes.append(f"tokenizer {tokenizer_dir} ({why}): {tokenizer.vocab_size:,} tokens")
+    details.append(f"tokenizer {tokenizer_dir} ({why}): {tokenizer.vocab_size:,} tokens")
     cfg = dataclasses.replace(cfg, model=model_cfg, tokenizer=tokenizer_dir)
     cfg, prefix_note = resolve_prefixes(cfg, init_dir)
     notes.append(prefix_note)
@@ -223,7 +224,7 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
     from piccolo_jax.model.attention import describe_attention
 
     try:
-        notes.append(describe_attention(model_cfg, training=True))
+        details.append(describe_attention(model_cfg, training=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
     b, chunks = cfg.data.global_batch_size, cfg.loss.num_chunks
@@ -234,4 +235,4 @@ def preflight(cfg: TrainConfig, workdir: Path, process_index: int = 0, process_c
     warnings += loader.warnings
     more_warnings, more_notes = compare_with_workdir(cfg, workdir)
     return Preflight(cfg, init_params, init_note, tokenizer, sources, loader, warnings + more_warnings,
-                     notes + more_notes)
+                     notes + more_notes, details)

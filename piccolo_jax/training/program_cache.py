@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 import jax
 
+from piccolo_jax.training.progress import FILE_ONLY
+
 log = logging.getLogger("piccolo_jax")
 SUFFIX = ".exported"
 # JAX settings that change what a traced program computes (the rest only change how it is compiled).
@@ -174,7 +176,8 @@ class CachedStep:
         blob = self._cache.load(key)
         exported = _deserialize(blob, args) if blob is not None else None
         if exported is not None:
-            log.info("train step for %s batches: traced program read from %s", task, self._cache.directory)
+            log.info("train step for %s batches: traced program read from %s", task, self._cache.directory,
+                     extra=FILE_ONLY)
             self.loaded.append("read")
         else:
             abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding
@@ -188,7 +191,7 @@ class CachedStep:
                 return jax.jit(flat, donate_argnums=tuple(range(n_state)))
             if self._cache.store(key, blob):
                 log.info("train step for %s batches: traced; kept in %s for the next start", task,
-                         self._cache.directory)
+                         self._cache.directory, extra=FILE_ONLY)
             exported = jax.export.deserialize(bytearray(blob))  # the bytes a later start reads: one program
             self.loaded.append("traced")
         state_shardings = [a.sharding for a in args[:n_state]]
