@@ -202,6 +202,21 @@ def test_ctrl_c_is_acknowledged_during_the_compile_and_a_second_exits_130_at_onc
     assert sorted(_losses(workdir)) == list(range(1, 13))
 
 
+def test_a_stop_request_is_seen_even_when_something_replaced_the_wakeup_fd():
+    """The watcher thread hears signals through signal.set_wakeup_fd; should another library take that fd,
+    the main thread's handler still sets the stop flag (SIGTERM here: a second SIGINT would end pytest)."""
+    from piccolo_jax.training.loop import StopRequested
+
+    with StopRequested() as stop:
+        ours = signal.set_wakeup_fd(-1)  # taken away: the watcher hears nothing from now on
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs at the main thread's next bytecode
+            assert stop.signal == signal.SIGTERM and bool(stop)
+        finally:
+            signal.set_wakeup_fd(ours)
+
+
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, caplog):
     import jax.numpy as jnp
 

@@ -90,6 +90,7 @@ class StopRequested:
         self._previous: dict = {}
         self._pipe: tuple[int, int] | None = None
         self._previous_fd = -1
+        self._received = 0  # SIGINT / SIGTERM seen by the watcher
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,10 +102,13 @@ class StopRequested:
         threading.Thread(target=self._watch, args=(read_fd,), name="piccolo-stop-watcher", daemon=True).start()
         return self
 
-    @staticmethod
-    def _handle(signum, _frame):
-        """Main thread, whenever it gets back to Python: nothing to do, the watcher counts every signal
-        (installing a Python handler is what makes the C-level handler write the wakeup fd)."""
+    def _handle(self, signum, _frame):
+        """Main thread, whenever it gets back to Python (installing a Python handler is also what makes the
+        C-level handler write the wakeup fd). The flag, should the watcher not have set it yet (or never:
+        something replaced the wakeup fd); only the watcher counts signals, so this never makes a first
+        Ctrl-C look like a second."""
+        if self.signal is None:
+            self.signal = signum
 
     def _watch(self, read_fd: int) -> None:
         while True:
@@ -118,8 +122,10 @@ class StopRequested:
             for signum in received:
                 if signum not in (signal.SIGINT, signal.SIGTERM):
                     continue
-                if self.signal is None:
-                    self.signal = signum
+                self._received += 1
+                if self._received == 1:
+                    if self.signal is None:
+                        self.signal = signum
                     log.info("%s received: stopping after the step in flight and saving it (after the compile "
                              "in progress, if any); press Ctrl-C again to quit now without saving",
                              signal.Signals(signum).name)
