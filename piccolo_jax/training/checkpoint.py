@@ -125,7 +125,6 @@ class Checkpointer:
             self._damaged.discard(step)
         if step in self._manager.all_steps():
             return False
-        self.check()  # a failure of the previous save is reported as that save's
         try:
             self._probe()
         except OSError as e:
