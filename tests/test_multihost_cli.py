@@ -28,8 +28,8 @@ from trainer_cli import (
 
 STEPS = 12
 SETS = ["run.save_every=2", "optim.schedule=\"constant\"", "optim.warmup_steps=0", "loss.num_chunks=2",
-        "data.global_batch_size=32", "run.heartbeat_timeout_s=30"]
-LOST_PEER_BOUND_S = 90  # the survivor's exit after a peer dies: a collective error at once, else heartbeats
+        "data.global_batch_size=32", "run.heartbeat_timeout_s=10"]
+LOST_PEER_BOUND_S = 60  # the survivor's exit after a peer dies: a collective error at once, else heartbeats (10 s)
 
 
 def free_port() -> int:
