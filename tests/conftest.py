@@ -27,13 +27,15 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The modules that take longest (seconds on 2 cores, measured), run first: `--dist loadscope` hands whole
-# modules to the workers in collection order, so starting with the longest ones lets the workers finish
-# together instead of one of them starting a long module last. Unlisted modules keep their order after these.
+# The modules that take longest (measured on 2 cores, slowest first) start first: `--dist loadscope` with
+# `--no-loadscope-reorder` hands whole modules to the workers in collection order, so the workers finish
+# together instead of one of them starting a long module last. Unlisted modules follow in their own order.
 SLOWEST_MODULES_FIRST = (
-    "test_run_errors.py", "test_object_storage.py", "test_multihost_cli.py", "test_v2_recipe.py",
-    "test_lifecycle.py", "test_train_step.py", "test_packing.py", "test_wheel.py", "test_train_cli.py",
-    "test_hybrid_step.py", "test_tokenization.py", "test_memory.py", "test_compiles.py", "test_inference.py",
+    "test_run_errors.py", "test_multihost_cli.py", "test_v2_recipe.py", "test_lifecycle.py", "test_train_step.py",
+    "test_packing.py", "test_object_storage.py", "test_train_cli.py", "test_hybrid_step.py", "test_tokenization.py",
+    "test_compiles.py", "test_memory.py", "test_inference.py", "test_multihost.py", "test_losses.py",
+    "test_data_tfds.py", "test_multihost_inference.py", "test_data_formats.py", "test_program_cache.py",
+    "test_wheel.py", "test_cli_edges.py", "test_mteb.py",
 )
 
 

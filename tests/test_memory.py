@@ -1,6 +1,7 @@
 """Memory planning before the first step: compiled peak, a fake device limit, the suggested num_chunks."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def _setup(num_chunks=1, pairs=64, length=64):
 
 
 def test_refuses_a_config_that_does_not_fit_and_names_the_chunks_that_do():
-    peak_for = _setup()
+    peak_for = functools.cache(_setup())  # each num_chunks compiled once, however often fit_num_chunks asks
     peaks = {c: peak_for(c) for c in (1, 2, 4, 8)}
     assert peaks[1] > peaks[2] > peaks[4] > peaks[8]  # one chunk's activations at a time
     # A device whose limit (after the 95 % headroom) lies between the peaks of 4 and 2 chunks.
