@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -19,6 +20,7 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
 from mteb.abstasks.sts import AbsTaskSTS  # noqa: E402
+from mteb.abstasks.text.summarization import AbsTaskSummarization  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from mteb.models.models_protocols import EncoderProtocol  # noqa: E402
 
@@ -124,6 +126,29 @@ class AssetsRetrieval(LocalRetrieval):
 
 class AssetsSTS(LocalSTS):
     edge_cases = False
+
+
+class LocalSummarization(AbsTaskSummarization):
+    """Three texts, each with two human summaries and three machine summaries graded 1-5."""
+    metadata = TaskMetadata(type="Summarization", name="PiccoloLocalSummarization", main_score="cosine_spearman",
+                            **_COMMON)
+    min_score, max_score = 1, 5
+
+    def load_data(self, num_proc=None, **kwargs):
+        rows = [
+            {"text": "北京是中国的首都，有三千多年的建城史。", "human_summaries": ["北京是首都。", "北京历史悠久。"],
+             "machine_summaries": ["北京是中国首都，历史很长。", "上海是经济中心。", "熊猫吃竹子。"],
+             "relevance": [5, 2, 1]},
+            {"text": "Giant pandas live in the mountains of central China and eat bamboo.",
+             "human_summaries": ["Pandas eat bamboo.", "Pandas live in China."],
+             "machine_summaries": ["Pandas live in China and eat bamboo.", "Bamboo grows fast.", "Paris is in France."],
+             "relevance": [5, 3, 1]},
+            {"text": "绿茶由未经发酵的茶叶制成，富含茶多酚。", "human_summaries": ["绿茶不发酵。", "绿茶含茶多酚。"],
+             "machine_summaries": ["绿茶是不发酵的茶。", "咖啡含咖啡因。", "长城很长。"],
+             "relevance": [4, 2, 1]},
+        ]
+        self.dataset = DatasetDict({"test": Dataset.from_list(rows)})
+        self.data_loaded = True
 
 
 def run_mteb(model, edge_cases: bool = True) -> dict[str, dict]:
@@ -320,3 +345,53 @@ def test_mteb_tasks_option_runs_a_cached_task_offline(tmp_path):
     ref = result.task_results[0].scores["test"][0]
     for key in ("cosine_spearman", "cosine_pearson"):
         assert got[key] == pytest.approx(ref[key], abs=1e-5), key
+
+
+def test_summarization_equals_sentence_transformers_and_two_vectors_give_a_float(encoder, st_model):
+    """mteb's summarization scorer calls float(model.similarity(u, v)) on two single vectors."""
+    u, v = encoder.encode(["北京是首都", "熊猫吃竹子"])
+    cos = MTEBModel.similarity(u, v)
+    assert np.ndim(cos) == 0 and float(cos) == pytest.approx(float(u @ v), abs=1e-6)
+    assert MTEBModel.similarity(u[None], v[None]).shape == (1, 1)  # a matrix stays a matrix
+
+    def scores(model):
+        result = mteb.evaluate(model, [LocalSummarization()], cache=None, show_progress_bar=False)
+        return result.task_results[0].scores["test"][0]
+
+    ours, theirs = scores(MTEBModel(encoder, name="local/minilm")), scores(st_model)
+    for key in ("cosine_spearman", "cosine_pearson", "dot_spearman", "main_score"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    assert 0.3 < theirs["cosine_spearman"] <= 1.0  # not a degenerate score
+
+
+def test_mteb_result_cache_is_keyed_by_what_determines_the_embeddings(encoder, tmp_path):
+    """mteb.evaluate caches scores under (model name, revision). The revision is a fingerprint of the
+    weights, tokenizer, limits, prefixes and settings: instructions off then on in one cache gives each
+    its own true score, and other weights another revision."""
+    from mteb.models.model_meta import ScoringFunction
+
+    plain = MTEBModel(encoder, name="local/minilm", instructions=False)
+    prefixed = MTEBModel(encoder, name="local/minilm")
+    meta = prefixed.mteb_model_meta
+    assert meta.similarity_fn_name is ScoringFunction.COSINE
+    assert meta.revision == MTEBModel(encoder, name="local/minilm").mteb_model_meta.revision  # deterministic
+    assert len({plain.mteb_model_meta.revision, meta.revision,
+                MTEBModel(encoder, name="local/minilm", dim=128).mteb_model_meta.revision}) == 3
+    # one weight changed by one float32 step: another revision
+    leaves, treedef = jax.tree.flatten(jax.tree.map(np.array, encoder.params))
+    biggest = max(range(len(leaves)), key=lambda i: leaves[i].size)  # the word embeddings
+    leaves[biggest].flat[12345] = np.nextafter(leaves[biggest].flat[12345], np.float32(1))
+    changed = Encoder(encoder.cfg, jax.tree.unflatten(treedef, leaves), encoder.tokenizer,
+                      max_length=encoder.max_length)
+    assert MTEBModel(changed, name="local/minilm").mteb_model_meta.revision != meta.revision
+    assert MTEBModel(object(), name="local/duck").mteb_model_meta.revision == "local"  # no parameters
+
+    cache = mteb.ResultCache(tmp_path / "results")
+
+    def ndcg(model, cache):
+        result = mteb.evaluate(model, [AssetsRetrieval()], cache=cache, show_progress_bar=False)
+        return result.task_results[0].scores["test"][0]["ndcg_at_10"]
+
+    first, second = ndcg(plain, cache), ndcg(prefixed, cache)
+    assert first == pytest.approx(ndcg(plain, None), abs=1e-9)
+    assert second == pytest.approx(ndcg(prefixed, None), abs=1e-9) and second != pytest.approx(first, abs=1e-6)

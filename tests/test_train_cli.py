@@ -256,7 +256,7 @@ def test_the_checkpoint_checksum_equals_numpy_on_any_sharding_and_sees_one_chang
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from piccolo_jax.training.state_digest import digest_mismatch, tree_digest
+    from piccolo_jax.parallel.array_digest import digest_mismatch, tree_digest
 
     rng = np.random.default_rng(0)
     tree = {"w": rng.standard_normal((64, 24)).astype(np.float32), "h": rng.standard_normal(40).astype(jnp.bfloat16),

@@ -35,7 +35,10 @@ class MTEBModel:
 
     def __init__(self, encoder: Any, *, instructions: bool = True, name: str | None = None,
                  revision: str | None = None, batch_size: int | None = None, **encode_kwargs: Any):
-        """name: "organisation/model" as mteb wants it (default "piccolo-jax/local-model")."""
+        """name: "organisation/model" as mteb wants it (default "piccolo-jax/local-model").
+        revision: mteb's revision of the model, which keys its result cache with the name. Default: a
+            fingerprint of everything that determines the embeddings (`embedding_fingerprint`), so that new
+            weights, another prefix or `instructions` never read an older run's cached scores."""
         self.encoder, self.instructions = encoder, instructions
         self.name = name or "piccolo-jax/local-model"
         if "/" not in self.name:
@@ -64,11 +67,12 @@ class MTEBModel:
             cfg = getattr(self.encoder, "cfg", None)
             self._meta = ModelMeta.create_empty(overwrites={
                 "name": self.name,
-                "revision": self.revision or "local",
+                "revision": self.revision or embedding_fingerprint(self.encoder, self.instructions,
+                                                                   self.encode_kwargs),
                 "embed_dim": getattr(self.encoder, "dim", None),
                 "max_tokens": getattr(self.encoder, "max_length", None),
                 "framework": ["JAX"],
-                "similarity_fn_name": "cosine",
+                "similarity_fn_name": _cosine(),
                 "use_instructions": self.instructions,
                 "open_weights": True,
                 "reference": None,
@@ -86,13 +90,51 @@ class MTEBModel:
 
     @staticmethod
     def similarity(a: Any, b: Any) -> np.ndarray:
-        """Cosine similarity matrix [N, M] (float32, as sentence-transformers' cos_sim)."""
-        return _unit(np.atleast_2d(a)) @ _unit(np.atleast_2d(b)).T
+        """Cosine similarity matrix [N, M] (float32, as sentence-transformers' cos_sim); of two single
+        vectors [D] and [D], their cosine as a 0-d array (mteb's summarization scorer takes `float()` of it)."""
+        sims = _unit(np.atleast_2d(a)) @ _unit(np.atleast_2d(b)).T
+        return sims[0, 0] if np.ndim(a) == 1 and np.ndim(b) == 1 else sims
 
     @staticmethod
     def similarity_pairwise(a: Any, b: Any) -> np.ndarray:
         """Cosine similarity of row i of `a` with row i of `b`: [N]."""
         return np.sum(_unit(np.atleast_2d(a)) * _unit(np.atleast_2d(b)), axis=-1)
+
+
+def embedding_fingerprint(encoder: Any, instructions: bool, encode_kwargs: dict) -> str:
+    """"jax-" + 16 hex digits of what determines the embeddings of `MTEBModel.encode`: the weights (their
+    device-side checksums, `parallel.array_digest`: any sharding, no copy to the host), the model config,
+    the tokenizer (its full serialisation), the token limit, the prefixes and whether they are used, and
+    the encode keywords (dim, normalize, ...). "local" for an encoder without parameters (duck-typed)."""
+    import hashlib
+    import json
+
+    params = getattr(encoder, "params", None)
+    if params is None:
+        return "local"
+    from piccolo_jax.parallel.array_digest import tree_digest
+
+    tokenizer = getattr(encoder, "tokenizer", None)
+    backend = getattr(tokenizer, "backend", None)
+    parts = {
+        "weights": tree_digest(params),
+        "config": repr(getattr(encoder, "cfg", None)),
+        "tokenizer": backend.to_str() if hasattr(backend, "to_str") else repr(tokenizer),
+        "max_length": getattr(encoder, "max_length", None),
+        "prefixes": [getattr(encoder, "query_prefix", None), getattr(encoder, "passage_prefix", None)],
+        "instructions": instructions,
+        "encode": {k: repr(v) for k, v in sorted(encode_kwargs.items())},
+    }
+    return "jax-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cosine() -> Any:
+    """mteb's ScoringFunction.COSINE (a plain string makes its pydantic serializer warn)."""
+    try:
+        from mteb.models.model_meta import ScoringFunction
+    except ImportError:  # an mteb without the enum takes the string
+        return "cosine"
+    return ScoringFunction.COSINE
 
 
 def _count_parameters(encoder: Any) -> int | None:

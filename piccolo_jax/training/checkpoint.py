@@ -6,7 +6,7 @@ data loader's state after batch s, so a restart continues with batch s + 1 and t
 to a temporary directory and renames it when complete, so a process killed during a save leaves the
 previous checkpoint intact.
 
-Each checkpoint also holds a checksum of every array of the state (`state_digest`, computed on the
+Each checkpoint also holds a checksum of every array of the state (`parallel.array_digest`, computed on the
 devices at save time) and is verified against it when restored: a damaged file (a flipped block on disk,
 a bad copy) is found at restore, not as a training failure later. A checkpoint that cannot be read or
 does not verify is skipped with one warning line and the one before is restored; the damaged step is
@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 
 from piccolo_jax.io.run_dir import RunError, checkpoint_complete
 from piccolo_jax.io.storage import as_path, ocdbt_supported
-from piccolo_jax.training.state_digest import digest_mismatch, tree_digest
+from piccolo_jax.parallel.array_digest import digest_mismatch, tree_digest
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """A checksum of every array of a pytree, computed on the devices: what a checkpoint's content is verified
-against when it is restored (a flipped byte in a checkpoint file loads silently otherwise).
+against when it is restored (a flipped byte in a checkpoint file loads silently otherwise), and what
+identifies a model's weights in its mteb revision (`evaluation.mteb_model`).
 
 Each leaf gets two uint32 sums over its elements' bit patterns b_i (i = flat index):
 
