@@ -395,3 +395,23 @@ def test_mteb_result_cache_is_keyed_by_what_determines_the_embeddings(encoder, t
     first, second = ndcg(plain, cache), ndcg(prefixed, cache)
     assert first == pytest.approx(ndcg(plain, None), abs=1e-9)
     assert second == pytest.approx(ndcg(prefixed, None), abs=1e-9) and second != pytest.approx(first, abs=1e-6)
+
+
+def test_every_text_mock_task_of_mteb_equals_sentence_transformers(encoder, st_model):
+    """mteb's own offline mock tasks (every text task type, mono- and multilingual: bitext mining,
+    classification, clustering, pair classification, reranking, retrieval, STS, summarization, ...) score
+    the same with our adapter as with sentence-transformers."""
+    from mteb.mocks import MOCK_TASK_TEST_GRID
+
+    tasks = [t for t in MOCK_TASK_TEST_GRID if set(t.metadata.modalities) == {"text"}]
+    assert len(tasks) >= 25, [t.metadata.name for t in tasks]
+
+    def main_scores(model) -> dict[tuple[str, str, str], float]:
+        result = mteb.evaluate(model, tasks, cache=None, show_progress_bar=False)
+        return {(tr.task_name, split, s["hf_subset"]): s["main_score"]
+                for tr in result.task_results for split, subsets in tr.scores.items() for s in subsets}
+
+    ours, theirs = main_scores(MTEBModel(encoder, name="local/minilm")), main_scores(st_model)
+    assert ours.keys() == theirs.keys() and {k[0] for k in ours} == {t.metadata.name for t in tasks}
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=2e-5), key

@@ -122,16 +122,24 @@ def local_reference(tmp_path_factory):
 
 def test_kill_9_resume_export_and_reload_on_gs(gcs, local_reference, tmp_path):
     url, env = gcs
-    proc = _start(gcs, "gs://bkt/a", f"run.steps={STEPS}", log=open(tmp_path / "first.log", "w"))
+    log = tmp_path / "first.log"
+    proc = _start(gcs, "gs://bkt/a", f"run.steps={STEPS}", log=open(log, "w"))
     try:
         deadline = time.monotonic() + 600
-        while not any(s >= 4 for s in _complete_steps(url, "a")):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        # The lock holds on object storage too: a second trainer on the same URL is refused.
+
+        def wait_for(done, what):
+            while not done():
+                assert proc.poll() is None, f"the trainer ended before {what}: " + log.read_text()[-3000:]
+                assert time.monotonic() < deadline, what
+                time.sleep(0.1)
+
+        # The lock holds on object storage too: a second trainer on the same URL is refused (asked while the
+        # first compiles, long before it can finish; the kill follows its first checkpoint at once, and its
+        # next one takes a save of ~10 s).
+        wait_for(lambda: "compiling the train step" in log.read_text(), "compiling")
         second = _run(gcs, "gs://bkt/a", f"run.steps={STEPS}", expect=2, timeout=300)
         assert "in use by another trainer" in second.stderr and f"pid {proc.pid}" in second.stderr
+        wait_for(lambda: any(s >= 4 for s in _complete_steps(url, "a")), "checkpoint 4")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

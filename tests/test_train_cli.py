@@ -334,6 +334,24 @@ def test_finetune_continues_from_pretrain(reference_run, tmp_path):
     evals = [json.loads(line) for line in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()
              if "eval/retrieval/ndcg@10" in line]
     assert [e["step"] for e in evals] == [2, 4] and all(0 <= e["eval/retrieval/ndcg@10"] <= 1 for e in evals)
+    # The export's model card: Hugging Face's YAML front matter with the step-4 evaluation, and the recipe.
+    yaml = pytest.importorskip("yaml")
+    card = (tmp_path / "ft2" / "export" / "hf" / "README.md").read_text(encoding="utf-8")
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
+    assert "base_model" not in meta  # a local directory, not a hub id
+    datasets = re.findall(r"dataset (\S+): (\w+), ([\d,]+) records", log)  # as train.log reported them
+    assert datasets and meta["datasets"] == sorted(name for name, _, _ in datasets)
+    (result,) = meta["model-index"][0]["results"]
+    assert result["task"]["type"] == "Retrieval" and result["dataset"]["name"] == "retrieval"
+    scores = {m["type"]: m["value"] for m in result["metrics"]}
+    assert scores["ndcg@10"] == pytest.approx(evals[-1]["eval/retrieval/ndcg@10"], abs=1e-6)
+    for needle in ("| stage | finetune |", "| steps | 4 of 4 |", "| global batch | 32 in 2 chunk(s)",
+                   "| loss | gte, temperature", "| devices | 1 x cpu, 1 process(es) |", "prompt_name=\"query\"",
+                   "| retrieval/ndcg@10 | ", *(f"| {n} | {task} | {records.replace(',', '')} |"
+                                               for n, task, records in datasets)):
+        assert needle in body, needle
 
 
 def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
@@ -367,3 +385,27 @@ def test_a_resumed_run_drops_the_metrics_past_its_checkpoint(tmp_path):
     metrics.write_text(rows[0] + rows[1].rstrip("\n"))
     assert drop_rows_after(metrics, 4) == 1 and metrics.read_text() == rows[0]
     assert drop_rows_after(metrics, 0) == 1 and metrics.read_text() == ""  # a fresh start: no step kept
+
+
+def test_model_card_front_matter_reads_back_for_any_names():
+    """Hub-id init -> base_model; names with YAML's special characters stay strings; no evaluation -> no
+    model-index."""
+    import dataclasses
+
+    yaml = pytest.importorskip("yaml")
+    from piccolo_jax.config import TrainConfig
+    from piccolo_jax.training.model_card import model_card
+
+    cfg = dataclasses.replace(TrainConfig(), init="BAAI/bge-base-zh@v1.5")
+    names = {"a: b": {"task": "retrieval", "records": 3}, "- [x] #1": {"task": "sts", "records": 4},
+             "yes": {"task": "classification", "records": 5}}
+    card = model_card(cfg, 7, name="run: 1", datasets=names, evaluation={"loss": 0.5})
+    meta = yaml.safe_load(card.split("---\n", 2)[1])
+    assert meta["base_model"] == "BAAI/bge-base-zh" and meta["datasets"] == sorted(names)
+    assert "model-index" not in meta and meta["tags"][0] == "sentence-transformers"
+    local = model_card(dataclasses.replace(cfg, init="/data/models/bge"), 7, name="x")
+    assert "base_model" not in yaml.safe_load(local.split("---\n", 2)[1])
+    evaluated = model_card(cfg, 7, name="run: 1", evaluation={"eval/sts/cos_spearman": 0.81234567, "loss": 1.0})
+    (result,) = yaml.safe_load(evaluated.split("---\n", 2)[1])["model-index"][0]["results"]
+    assert result == {"task": {"type": "STS"}, "dataset": {"name": "held-out", "type": "local"},
+                      "metrics": [{"type": "cos_spearman", "value": 0.812346}]}

@@ -3,7 +3,8 @@
     export/model/       our model directory (config.json, params/ Orbax arrays, tokenizer files,
                         config_sentence_transformers.json: the run's instructions as prompts)
     export/hf/          HF BertModel + sentence-transformers directory (run.export_hf), with the same
-                        prompts: SentenceTransformer(hf).encode_query(q) = Encoder.encode(q, kind="query")
+                        prompts: SentenceTransformer(hf).encode_query(q) = Encoder.encode(q, kind="query"),
+                        and README.md, the model card (`model_card`)
     export/export.json  {"step": s, "stage": ..., "model": ...}: written last; its presence marks a
                         complete export
 
@@ -32,6 +33,7 @@ from jax.experimental import multihost_utils
 from piccolo_jax.config import TrainConfig
 from piccolo_jax.config.data import PASSAGE_PREFIX, QUERY_PREFIX
 from piccolo_jax.hf.prompts import write_prompts
+from piccolo_jax.training.model_card import model_card
 from piccolo_jax.io.run_dir import EXPORT_DIR, EXPORT_INFO, RunError
 from piccolo_jax.io.storage import copy_tree, is_url, local_copy, remove_tree
 from piccolo_jax.model.directory import (
@@ -55,8 +57,11 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def write_export(workdir: Path, cfg: TrainConfig, params: Any, step: int) -> Path:
+def write_export(workdir: Path, cfg: TrainConfig, params: Any, step: int, card: dict | None = None) -> Path:
     """Write WORKDIR/export for the parameters after `step`; returns its path. Call on every process.
+
+    `card`: what the model card (`hf/README.md`, `model_card.model_card`) adds to the config: datasets,
+    evaluation, devices, seconds.
 
     On object storage (no rename) the export is written in place after the previous one is removed;
     export.json, written last, is what makes it complete.
@@ -84,7 +89,10 @@ def write_export(workdir: Path, cfg: TrainConfig, params: Any, step: int) -> Pat
         copy_side_files(tokenizer, model_dir)
         write_prompts(model_dir, *run_prompts(cfg))
         if host is not None:
-            _write_hf(tmp / "hf", cfg, host, tokenizer)
+            readme = model_card(cfg, step, name=workdir.name or "piccolo-jax-model", prompts=run_prompts(cfg),
+                                max_seq_length=max(cfg.data.query_max_length, cfg.data.passage_max_length),
+                                **(card or {}))
+            _write_hf(tmp / "hf", cfg, host, tokenizer, readme)
         info = {"step": step, "stage": cfg.stage, "model": "model", "hf": "hf" if host is not None else None}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         if not url:
@@ -108,14 +116,16 @@ def run_prompts(cfg: TrainConfig) -> tuple[str, str]:
             PASSAGE_PREFIX if data.passage_prefix is None else data.passage_prefix)
 
 
-def _write_hf(dest, cfg: TrainConfig, host_params: Any, tokenizer: Path) -> None:
+def _write_hf(dest, cfg: TrainConfig, host_params: Any, tokenizer: Path, readme: str) -> None:
     from piccolo_jax.hf import write_hf_dir
 
     max_len = max(cfg.data.query_max_length, cfg.data.passage_max_length)
     options = {"side_files_from": tokenizer, "max_seq_length": max_len, "prompts": run_prompts(cfg)}
     if not is_url(dest):
         write_hf_dir(dest, cfg.model, host_params, **options)
+        (Path(dest) / "README.md").write_text(readme, encoding="utf-8")
         return
     with tempfile.TemporaryDirectory(prefix="piccolo-hf-") as local:  # safetensors writes local files
         write_hf_dir(Path(local) / "hf", cfg.model, host_params, **options)
+        (Path(local) / "hf" / "README.md").write_text(readme, encoding="utf-8")
         copy_tree(Path(local) / "hf", dest)

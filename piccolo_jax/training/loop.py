@@ -321,6 +321,7 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
     _log_header(cfg, mesh, state, init_note, start, workdir, _task_types(pre))
 
     last: dict = {"step": start}
+    t_begin = time.perf_counter()
     if start < cfg.run.steps:
         programs = ProgramCache.for_run(cfg)
         with compiling.quiet_compile_alarms():  # XLA's "Very slow compile?" block: not on the console
@@ -337,7 +338,9 @@ def _run(cfg: TrainConfig, workdir: Path, mesh, pre: Preflight, stop: StopReques
     log.info("exporting step %d to %s", step, workdir / "export")
     t0 = time.perf_counter()
     try:
-        write_export(workdir, cfg, state.params, step)
+        write_export(workdir, cfg, state.params, step, card={
+            "datasets": pre.loader.report(), "evaluation": last, "seconds": time.perf_counter() - t_begin,
+            "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].platform}, {jax.process_count()} process(es)"})
     except OSError as e:
         raise RunError(f"writing the export to {workdir / 'export'} failed: {error_reason(e)}; the checkpoint "
                        f"of step {step} is kept: rerun the same command to write the export") from None
