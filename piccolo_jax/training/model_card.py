@@ -11,12 +11,10 @@ JSON (YAML 1.2 reads JSON scalars and lists as they are), so any name or path is
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from piccolo_jax.config import TrainConfig
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # ORG/NAME, not a path
+from piccolo_jax.io.hub import is_hub_id, parse_hub_id
 
 
 def _yaml(key: str, value: Any, indent: int = 0) -> list[str]:
@@ -59,8 +57,8 @@ def model_card(cfg: TrainConfig, step: int, *, name: str, datasets: dict[str, di
         "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "piccolo-jax"],
         "language": ["zh"],
     }
-    if cfg.init and HUB_ID.match(cfg.init.split("@")[0]):
-        front["base_model"] = cfg.init.split("@")[0]
+    if cfg.init and is_hub_id(cfg.init):
+        front["base_model"] = parse_hub_id(cfg.init)[0]  # ORG/NAME without @REVISION
     if datasets:
         front["datasets"] = sorted(datasets)
     if evaluation:
